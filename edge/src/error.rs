@@ -1,0 +1,69 @@
+use std::fmt;
+
+/// Errors of the `edge` crate. Each variant names what failed so that a host can turn it
+/// into a `{code, message}` answer without parsing text.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An artifact's bytes could not be decoded.
+    #[error("cannot decode {artifact}: {message}")]
+    Decode {
+        /// Which artifact, e.g. `preprocessor`.
+        artifact: &'static str,
+        /// What the decoder reported.
+        message: String,
+    },
+    /// An artifact was written by a format version that this build cannot read.
+    #[error("{artifact} has format version {found}, this build reads version {expected}")]
+    FormatVersion {
+        /// Which artifact.
+        artifact: &'static str,
+        /// The version found in the bytes.
+        found: u32,
+        /// The version this build writes and reads.
+        expected: u32,
+    },
+    /// A configuration value is out of range.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Fitting was asked to learn from nothing.
+    #[error("cannot fit {what}: {reason}")]
+    EmptyInput {
+        /// What was being fitted.
+        what: &'static str,
+        /// Why the input is unusable.
+        reason: String,
+    },
+}
+
+/// A configuration value that is out of range, named by its dotted key
+/// (`preprocess.age_boundaries`) so the user can find it in the file.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub struct ConfigError {
+    /// The dotted path of the offending key.
+    pub key: String,
+    /// Why the value is refused.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// A refusal of `key` for the reason `message`.
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The same error, with `prefix.` put before the key (for nested sections).
+    pub fn within(mut self, prefix: &str) -> Self {
+        self.key = format!("{prefix}.{}", self.key);
+        self
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid value for `{}`: {}", self.key, self.message)
+    }
+}
