@@ -1,1 +1,17 @@
-//! control plane
+//! edgerec's control plane: everything heavy and slow that happens before serving.
+//!
+//! So far: the data sets (Parquet storage, CSV and MovieLens import, the synthetic
+//! generator), splits, the typed configuration and the preprocessing fit. Training,
+//! bundles, the registry and the REST API build on these.
+
+pub mod config;
+pub mod csv_import;
+pub mod data;
+mod error;
+pub mod movielens;
+pub mod parquet_io;
+pub mod progress;
+pub mod split;
+pub mod synthetic;
+
+pub use error::DataError;

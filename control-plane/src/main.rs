@@ -1,1 +1,271 @@
-fn main() {}
+//! `control-plane`: the command line over the control plane's library.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use control_plane::config::Config;
+use control_plane::data::Dataset;
+use control_plane::split::{Split, Strategy, split};
+use control_plane::synthetic::{GeneratorConfig, generate};
+use control_plane::{csv_import, movielens};
+use edge::preprocess::{FitInput, Preprocessor};
+
+#[derive(Parser)]
+#[command(
+    name = "control-plane",
+    version,
+    about = "edgerec's control plane: data, training, bundles, publishing"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a synthetic data set with learnable structure.
+    Generate(GenerateArgs),
+    /// Import a data set into edgerec's Parquet layout.
+    #[command(subcommand)]
+    Import(Import),
+    /// Split a data set's interactions into train, validation and test.
+    Split(SplitArgs),
+    /// Fit the preprocessing artifacts (vocabularies, normalizers) on a training split.
+    Preprocess(PreprocessArgs),
+    /// Show the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Users.
+    #[arg(long, default_value_t = 5_000)]
+    users: u64,
+    /// Videos.
+    #[arg(long, default_value_t = 2_000)]
+    videos: u64,
+    /// Interaction rows, exactly.
+    #[arg(long, default_value_t = 50_000)]
+    interactions: u64,
+    /// Impressions without engagement per engaged view.
+    #[arg(long, default_value_t = 3)]
+    negative_ratio: u32,
+    /// Seed: the same seed gives the same bytes.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Import {
+    /// MovieLens-100k, in RecBole's atomic layout or GroupLens's original one.
+    Movielens {
+        /// Folder with ml-100k.inter/.item/.user or u.data/u.item/u.user.
+        dir: PathBuf,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Your own data: users.csv, videos.csv, channels.csv, interactions.csv.
+    Csv {
+        /// Folder with the four CSV files.
+        dir: PathBuf,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct SplitArgs {
+    /// Data set folder.
+    #[arg(long)]
+    data: PathBuf,
+    /// Config file (its [split] and [engagement] sections apply).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Overrides `split.strategy`: leave-last-n or time-cut.
+    #[arg(long, value_parser = parse_strategy)]
+    strategy: Option<Strategy>,
+    /// Output folder [default: DATA/split].
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct PreprocessArgs {
+    /// Data set folder.
+    #[arg(long)]
+    data: PathBuf,
+    /// Split folder [default: DATA/split].
+    #[arg(long)]
+    split: Option<PathBuf>,
+    /// Config file (its [preprocess] and [engagement] sections apply).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Output file [default: SPLIT/preprocessor.msgpack].
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the defaults as TOML, or the given file after validation.
+    Show {
+        /// Config file to validate and print.
+        file: Option<PathBuf>,
+    },
+}
+
+fn parse_strategy(text: &str) -> Result<Strategy, String> {
+    match text {
+        "leave-last-n" => Ok(Strategy::LeaveLastN),
+        "time-cut" => Ok(Strategy::TimeCut),
+        other => Err(format!(
+            "unknown strategy {other:?}, expected leave-last-n or time-cut"
+        )),
+    }
+}
+
+fn load_config(path: Option<&Path>) -> Result<Config> {
+    match path {
+        Some(path) => Ok(Config::load(path)?),
+        None => Ok(Config::default()),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(args) => {
+            let config = GeneratorConfig {
+                users: args.users,
+                videos: args.videos,
+                interactions: args.interactions,
+                negative_ratio: args.negative_ratio,
+                seed: args.seed,
+            };
+            let started = Instant::now();
+            let generated = generate(&config, &args.out, std::io::stderr().is_terminal())?;
+            let seconds = started.elapsed().as_secs_f64();
+            println!(
+                "generated {} users, {} videos, {} channels, {} interactions ({} engaged views) into {} in {:.2} s ({:.0} interaction rows/s)",
+                generated.users,
+                generated.videos,
+                generated.channels,
+                generated.interactions,
+                generated.engaged_views,
+                args.out.display(),
+                seconds,
+                generated.interactions as f64 / seconds.max(1e-9),
+            );
+        }
+        Command::Import(import) => {
+            let started = Instant::now();
+            let (dataset, source, from, out) = match import {
+                Import::Movielens { dir, out } => {
+                    (movielens::import(&dir)?, "movielens-100k", dir, out)
+                }
+                Import::Csv { dir, out } => (csv_import::import(&dir)?, "csv", dir, out),
+            };
+            let manifest = dataset.save(
+                &out,
+                source,
+                serde_json::json!({ "imported_from": from.display().to_string() }),
+            )?;
+            let c = manifest.counts;
+            println!(
+                "imported {} users, {} videos, {} channels, {} interactions from {} into {} in {:.2} s",
+                c.users,
+                c.videos,
+                c.channels,
+                c.interactions,
+                from.display(),
+                out.display(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        Command::Split(args) => {
+            let mut config = load_config(args.config.as_deref())?;
+            if let Some(strategy) = args.strategy {
+                config.split.strategy = strategy;
+            }
+            let dataset = Dataset::load(&args.data)?;
+            let parts = split(
+                &dataset.interactions,
+                &dataset.videos,
+                &config.engagement,
+                &config.split,
+            )?;
+            let out = args.out.unwrap_or_else(|| args.data.join("split"));
+            let manifest = parts.save(&out, &config.split, &args.data)?;
+            println!(
+                "split {} interactions into train {} / validation {} / test {} (users: {} / {} / {}) in {}",
+                dataset.interactions.len(),
+                manifest.train.interactions,
+                manifest.validation.interactions,
+                manifest.test.interactions,
+                manifest.train.users,
+                manifest.validation.users,
+                manifest.test.users,
+                out.display()
+            );
+        }
+        Command::Preprocess(args) => {
+            let config = load_config(args.config.as_deref())?;
+            let dataset = Dataset::load(&args.data)?;
+            let split_dir = args.split.unwrap_or_else(|| args.data.join("split"));
+            let parts = Split::load(&split_dir)?;
+            let fitted = Preprocessor::fit(
+                FitInput {
+                    users: &dataset.users,
+                    videos: &dataset.videos,
+                    channels: &dataset.channels,
+                    train: &parts.train,
+                },
+                &config.preprocess,
+                &config.engagement,
+            )?;
+            let out = args
+                .out
+                .unwrap_or_else(|| split_dir.join("preprocessor.msgpack"));
+            let bytes = fitted.to_bytes();
+            let temporary = control_plane::parquet_io::temporary_path(&out);
+            std::fs::write(&temporary, &bytes).with_context(|| temporary.display().to_string())?;
+            std::fs::rename(&temporary, &out).with_context(|| out.display().to_string())?;
+            println!(
+                "fitted preprocessing on {} training interactions: {} users, {} videos, {} channels, {} categories, {} tags, {} languages, {} countries known; popularity thresholds {:?}; {} bytes -> {}",
+                parts.train.len(),
+                fitted.user_ids.known_len(),
+                fitted.video_ids.known_len(),
+                fitted.channel_ids.known_len(),
+                fitted.categories.known_len(),
+                fitted.tags.known_len(),
+                fitted.languages.known_len(),
+                fitted.countries.known_len(),
+                fitted.popularity.thresholds,
+                bytes.len(),
+                out.display()
+            );
+        }
+        Command::Config(ConfigCommand::Show { file }) => {
+            print!("{}", load_config(file.as_deref())?.to_toml());
+        }
+    }
+    Ok(())
+}

@@ -75,9 +75,11 @@ impl EngagementRules {
 
 /// The label weight of one interaction.
 ///
-/// A watch counts when it exceeds `min_watch_ratio` of `duration_seconds`; when the
-/// duration is unknown (0) any non-zero watch counts, because the source said it was
-/// watched. Likes, comments and shares imply a view and weigh the most.
+/// A watch counts when it exceeds `min_watch_ratio` of `duration_seconds`. When the
+/// source records a watch but not how long (`watch_seconds` is `None`, as for a rating),
+/// or does not know the video's length (`duration_seconds` is 0), the watch counts if it
+/// lasted at all: the source said it was watched. Likes, comments and shares imply a view
+/// and weigh the most.
 pub fn engagement_weight(
     rules: &EngagementRules,
     kind: InteractionType,
@@ -88,11 +90,10 @@ pub fn engagement_weight(
         InteractionType::Like | InteractionType::Comment | InteractionType::Share => rules.strong,
         InteractionType::Click => rules.click,
         InteractionType::Watch => {
-            let watched = watch_seconds.unwrap_or(0);
-            let counts = if duration_seconds == 0 {
-                watched > 0
-            } else {
-                watched as f32 > rules.min_watch_ratio * duration_seconds as f32
+            let counts = match watch_seconds {
+                None => true,
+                Some(watched) if duration_seconds == 0 => watched > 0,
+                Some(watched) => watched as f32 > rules.min_watch_ratio * duration_seconds as f32,
             };
             if counts {
                 rules.watch
@@ -125,7 +126,12 @@ mod tests {
     #[test]
     fn watch_must_exceed_the_ratio() {
         assert_eq!(weight(InteractionType::Watch, Some(40), 100), 0.3);
-        assert_eq!(weight(InteractionType::Watch, None, 100), 0.3);
+        assert_eq!(weight(InteractionType::Watch, Some(0), 100), 0.3);
+        assert_eq!(
+            weight(InteractionType::Watch, None, 100),
+            0.7,
+            "watched, length unknown"
+        );
         assert_eq!(weight(InteractionType::Watch, Some(1), 0), 0.7);
         assert_eq!(weight(InteractionType::Watch, Some(0), 0), 0.3);
     }

@@ -1,0 +1,252 @@
+//! A data set on disk: one folder with a Parquet file per entity and a `dataset.json`
+//! manifest, written last so a folder with a manifest is a complete data set.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use edge::{Channel, Interaction, User, Video};
+use serde::{Deserialize, Serialize};
+
+use crate::DataError;
+use crate::parquet_io::{Table, read_table, temporary_path, write_table};
+
+/// File name of the manifest inside a data set folder.
+pub const MANIFEST_FILE: &str = "dataset.json";
+
+/// The four tables of the seed's schema.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Dataset {
+    /// Viewers.
+    pub users: Vec<User>,
+    /// The catalogue.
+    pub videos: Vec<Video>,
+    /// Publishers.
+    pub channels: Vec<Channel>,
+    /// What viewers did.
+    pub interactions: Vec<Interaction>,
+}
+
+/// Row counts of a data set's tables.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    /// Users.
+    pub users: u64,
+    /// Videos.
+    pub videos: u64,
+    /// Channels.
+    pub channels: u64,
+    /// Interactions.
+    pub interactions: u64,
+}
+
+/// What `dataset.json` records about a data set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetManifest {
+    /// Layout version of the folder.
+    pub version: u32,
+    /// Where the data came from, e.g. `synthetic`, `movielens-100k`, `csv`.
+    pub source: String,
+    /// How it was made (generator settings, original files), for lineage.
+    pub lineage: serde_json::Value,
+    /// Row counts.
+    pub counts: Counts,
+    /// Earliest and latest interaction, in Unix seconds.
+    pub time_range: Option<(i64, i64)>,
+}
+
+/// The layout version written by this build.
+pub const DATASET_VERSION: u32 = 1;
+
+impl Dataset {
+    /// Row counts.
+    pub fn counts(&self) -> Counts {
+        Counts {
+            users: self.users.len() as u64,
+            videos: self.videos.len() as u64,
+            channels: self.channels.len() as u64,
+            interactions: self.interactions.len() as u64,
+        }
+    }
+
+    /// Earliest and latest interaction time.
+    pub fn time_range(&self) -> Option<(i64, i64)> {
+        let times = self.interactions.iter().map(|i| i.timestamp);
+        Some((times.clone().min()?, times.max()?))
+    }
+
+    /// Reads and validates a data set folder.
+    pub fn load(dir: &Path) -> Result<Self, DataError> {
+        if !dir.is_dir() {
+            return Err(DataError::io(
+                dir,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "not a data set folder (expected users, videos, channels and interactions .parquet files)",
+                ),
+            ));
+        }
+        let dataset = Self {
+            users: read_table(&dir.join(User::FILE))?,
+            videos: read_table(&dir.join(Video::FILE))?,
+            channels: read_table(&dir.join(Channel::FILE))?,
+            interactions: read_table(&dir.join(Interaction::FILE))?,
+        };
+        dataset.validate(dir)?;
+        Ok(dataset)
+    }
+
+    /// Checks keys and references; errors name the file under `dir`, the row and the column.
+    pub fn validate(&self, dir: &Path) -> Result<(), DataError> {
+        let users = unique_ids(
+            &dir.join(User::FILE),
+            "user_id",
+            self.users.iter().map(|u| u.user_id),
+        )?;
+        let channels = unique_ids(
+            &dir.join(Channel::FILE),
+            "channel_id",
+            self.channels.iter().map(|c| c.channel_id),
+        )?;
+        let videos = unique_ids(
+            &dir.join(Video::FILE),
+            "video_id",
+            self.videos.iter().map(|v| v.video_id),
+        )?;
+
+        let users_path = dir.join(User::FILE);
+        for (row, user) in (1..).zip(&self.users) {
+            if user.age > 120 {
+                return Err(DataError::bad_value(
+                    &users_path,
+                    row,
+                    "age",
+                    format!("{} is not an age in years (0-120)", user.age),
+                ));
+            }
+            for (column, value) in [("country", &user.country), ("language", &user.language)] {
+                if value.trim().is_empty() {
+                    return Err(DataError::bad_value(&users_path, row, column, "empty"));
+                }
+            }
+        }
+
+        let videos_path = dir.join(Video::FILE);
+        for (row, video) in (1..).zip(&self.videos) {
+            if !channels.contains(&video.channel_id) {
+                return Err(dangling(
+                    &videos_path,
+                    row,
+                    "channel_id",
+                    video.channel_id,
+                    Channel::FILE,
+                ));
+            }
+            for (column, value) in [("category", &video.category), ("language", &video.language)] {
+                if value.trim().is_empty() {
+                    return Err(DataError::bad_value(&videos_path, row, column, "empty"));
+                }
+            }
+        }
+
+        let interactions_path = dir.join(Interaction::FILE);
+        for (row, interaction) in (1..).zip(&self.interactions) {
+            if !users.contains(&interaction.user_id) {
+                return Err(dangling(
+                    &interactions_path,
+                    row,
+                    "user_id",
+                    interaction.user_id,
+                    User::FILE,
+                ));
+            }
+            if !videos.contains(&interaction.video_id) {
+                return Err(dangling(
+                    &interactions_path,
+                    row,
+                    "video_id",
+                    interaction.video_id,
+                    Video::FILE,
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the four tables, then the manifest (each file atomically).
+    pub fn save(
+        &self,
+        dir: &Path,
+        source: &str,
+        lineage: serde_json::Value,
+    ) -> Result<DatasetManifest, DataError> {
+        std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+        // A stale manifest would vouch for the half-replaced tables below.
+        remove_if_present(&dir.join(MANIFEST_FILE))?;
+        write_table(&dir.join(User::FILE), &self.users)?;
+        write_table(&dir.join(Video::FILE), &self.videos)?;
+        write_table(&dir.join(Channel::FILE), &self.channels)?;
+        write_table(&dir.join(Interaction::FILE), &self.interactions)?;
+        let manifest = DatasetManifest {
+            version: DATASET_VERSION,
+            source: source.to_owned(),
+            lineage,
+            counts: self.counts(),
+            time_range: self.time_range(),
+        };
+        write_manifest(dir, &manifest)?;
+        Ok(manifest)
+    }
+}
+
+/// Writes `dataset.json` atomically.
+pub fn write_manifest(dir: &Path, manifest: &DatasetManifest) -> Result<(), DataError> {
+    write_json_atomically(&dir.join(MANIFEST_FILE), manifest)
+}
+
+/// Reads `dataset.json`.
+pub fn read_manifest(dir: &Path) -> Result<DatasetManifest, DataError> {
+    let path = dir.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| DataError::io(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| DataError::unreadable(&path, e))
+}
+
+/// Serializes `value` as pretty JSON to a temporary file, then renames it into place.
+pub fn write_json_atomically(path: &Path, value: &impl Serialize) -> Result<(), DataError> {
+    let mut text = serde_json::to_string_pretty(value).expect("manifests serialize");
+    text.push('\n');
+    let temporary = temporary_path(path);
+    std::fs::write(&temporary, text).map_err(|e| DataError::io(&temporary, e))?;
+    std::fs::rename(&temporary, path).map_err(|e| DataError::io(path, e))
+}
+
+/// Removes a file, treating "already gone" as success.
+pub fn remove_if_present(path: &Path) -> Result<(), DataError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DataError::io(path, e)),
+        _ => Ok(()),
+    }
+}
+
+fn unique_ids(
+    path: &Path,
+    column: &str,
+    ids: impl Iterator<Item = u64>,
+) -> Result<HashSet<u64>, DataError> {
+    let mut seen = HashSet::new();
+    for (row, id) in (1..).zip(ids) {
+        if !seen.insert(id) {
+            return Err(DataError::bad_value(
+                path,
+                row,
+                column,
+                format!("duplicate id {id}"),
+            ));
+        }
+    }
+    Ok(seen)
+}
+
+fn dangling(path: &Path, row: u64, column: &str, id: u64, target: &str) -> DataError {
+    DataError::bad_value(path, row, column, format!("id {id} is not in {target}"))
+}
