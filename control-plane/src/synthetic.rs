@@ -727,7 +727,7 @@ impl World<'_> {
 
     /// The engaged video of one view: a category from the taste, then the best-fitting of
     /// a few popularity-drawn candidates (Gumbel-max over the latent fit).
-    fn engaged_video(&self, user: &UserModel, rng: &mut impl Rng) -> Option<(u32, f32)> {
+    fn engaged_video(&self, user: &UserModel, rng: &mut impl Rng) -> Option<(u32, f32, usize)> {
         for _ in 0..4 {
             let category = pick(rng, user.taste.iter().copied());
             let mut best: Option<(u32, f32, f32)> = None;
@@ -746,7 +746,7 @@ impl World<'_> {
                 }
             }
             if let Some((video, fit, _)) = best {
-                return Some((video, fit));
+                return Some((video, fit, category));
             }
         }
         None
@@ -775,7 +775,7 @@ impl World<'_> {
         let mut engaged = 0u64;
         let mut misses = 0;
         while log.writer.rows() < stop_at {
-            let Some((video, fit)) = self.engaged_video(user, rng) else {
+            let Some((video, fit, category)) = self.engaged_video(user, rng) else {
                 // Nothing suits this user (e.g. too young for every draw): give up on them
                 // after many misses rather than loop for ever.
                 misses += 1;
@@ -798,7 +798,12 @@ impl World<'_> {
                 }
             }
             let duration = self.models[video as usize].duration_seconds;
-            let affinity = sigmoid(3.0 * fit + rng.random_range(-1.0..1.0));
+            // Affinity: the latent fit plus how much more than average the user likes the
+            // category; it drives watch time and the chance of a like, comment or share.
+            let preference = (user.taste[category] * CATEGORIES.len() as f64)
+                .ln()
+                .clamp(-3.0, 3.0) as f32;
+            let affinity = sigmoid(3.0 * fit + 0.8 * preference + rng.random_range(-1.0..1.0));
             let ratio = (affinity * 1.1 + rng.random_range(-0.15..0.15)).clamp(0.02, 1.0);
             let watched = ((duration as f32) * ratio).max(1.0) as u32;
             emit(video, InteractionType::Click, now, None, rng)?;
