@@ -11,7 +11,7 @@ use std::str::FromStr;
 use edge::{Channel, Interaction, User, Video};
 
 use crate::DataError;
-use crate::data::Dataset;
+use crate::data::{Dataset, SourceFiles};
 
 /// Reads and validates the four CSV files of `dir`.
 pub fn import(dir: &Path) -> Result<Dataset, DataError> {
@@ -61,7 +61,12 @@ pub fn import(dir: &Path) -> Result<Dataset, DataError> {
             })
         })?,
     };
-    dataset.validate(dir)?;
+    dataset.validate(&SourceFiles {
+        users: dir.join("users.csv"),
+        videos: dir.join("videos.csv"),
+        channels: dir.join("channels.csv"),
+        interactions: dir.join("interactions.csv"),
+    })?;
     Ok(dataset)
 }
 

@@ -2,7 +2,7 @@
 //! manifest, written last so a folder with a manifest is a complete data set.
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use edge::{Channel, Interaction, User, Video};
 use serde::{Deserialize, Serialize};
@@ -55,6 +55,32 @@ pub struct DatasetManifest {
     pub time_range: Option<(i64, i64)>,
 }
 
+/// The files a data set was read from, so validation errors point at the file the user
+/// has (a CSV, a MovieLens file) rather than at an intermediate form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFiles {
+    /// Where users came from.
+    pub users: PathBuf,
+    /// Where videos came from.
+    pub videos: PathBuf,
+    /// Where channels came from.
+    pub channels: PathBuf,
+    /// Where interactions came from.
+    pub interactions: PathBuf,
+}
+
+impl SourceFiles {
+    /// The Parquet files of a data set folder.
+    pub fn parquet(dir: &Path) -> Self {
+        Self {
+            users: dir.join(User::FILE),
+            videos: dir.join(Video::FILE),
+            channels: dir.join(Channel::FILE),
+            interactions: dir.join(Interaction::FILE),
+        }
+    }
+}
+
 /// The layout version written by this build.
 pub const DATASET_VERSION: u32 = 1;
 
@@ -92,33 +118,33 @@ impl Dataset {
             channels: read_table(&dir.join(Channel::FILE))?,
             interactions: read_table(&dir.join(Interaction::FILE))?,
         };
-        dataset.validate(dir)?;
+        dataset.validate(&SourceFiles::parquet(dir))?;
         Ok(dataset)
     }
 
-    /// Checks keys and references; errors name the file under `dir`, the row and the column.
-    pub fn validate(&self, dir: &Path) -> Result<(), DataError> {
+    /// Checks keys and references; errors name the source file, the row and the column.
+    pub fn validate(&self, files: &SourceFiles) -> Result<(), DataError> {
         let users = unique_ids(
-            &dir.join(User::FILE),
+            &files.users,
             "user_id",
             self.users.iter().map(|u| u.user_id),
         )?;
         let channels = unique_ids(
-            &dir.join(Channel::FILE),
+            &files.channels,
             "channel_id",
             self.channels.iter().map(|c| c.channel_id),
         )?;
         let videos = unique_ids(
-            &dir.join(Video::FILE),
+            &files.videos,
             "video_id",
             self.videos.iter().map(|v| v.video_id),
         )?;
 
-        let users_path = dir.join(User::FILE);
+        let users_path = &files.users;
         for (row, user) in (1..).zip(&self.users) {
             if user.age > 120 {
                 return Err(DataError::bad_value(
-                    &users_path,
+                    users_path,
                     row,
                     "age",
                     format!("{} is not an age in years (0-120)", user.age),
@@ -126,47 +152,47 @@ impl Dataset {
             }
             for (column, value) in [("country", &user.country), ("language", &user.language)] {
                 if value.trim().is_empty() {
-                    return Err(DataError::bad_value(&users_path, row, column, "empty"));
+                    return Err(DataError::bad_value(users_path, row, column, "empty"));
                 }
             }
         }
 
-        let videos_path = dir.join(Video::FILE);
+        let videos_path = &files.videos;
         for (row, video) in (1..).zip(&self.videos) {
             if !channels.contains(&video.channel_id) {
                 return Err(dangling(
-                    &videos_path,
+                    videos_path,
                     row,
                     "channel_id",
                     video.channel_id,
-                    Channel::FILE,
+                    &files.channels,
                 ));
             }
             for (column, value) in [("category", &video.category), ("language", &video.language)] {
                 if value.trim().is_empty() {
-                    return Err(DataError::bad_value(&videos_path, row, column, "empty"));
+                    return Err(DataError::bad_value(videos_path, row, column, "empty"));
                 }
             }
         }
 
-        let interactions_path = dir.join(Interaction::FILE);
+        let interactions_path = &files.interactions;
         for (row, interaction) in (1..).zip(&self.interactions) {
             if !users.contains(&interaction.user_id) {
                 return Err(dangling(
-                    &interactions_path,
+                    interactions_path,
                     row,
                     "user_id",
                     interaction.user_id,
-                    User::FILE,
+                    &files.users,
                 ));
             }
             if !videos.contains(&interaction.video_id) {
                 return Err(dangling(
-                    &interactions_path,
+                    interactions_path,
                     row,
                     "video_id",
                     interaction.video_id,
-                    Video::FILE,
+                    &files.videos,
                 ));
             }
         }
@@ -247,6 +273,10 @@ fn unique_ids(
     Ok(seen)
 }
 
-fn dangling(path: &Path, row: u64, column: &str, id: u64, target: &str) -> DataError {
+fn dangling(path: &Path, row: u64, column: &str, id: u64, target: &Path) -> DataError {
+    let target = target
+        .file_name()
+        .unwrap_or(target.as_os_str())
+        .to_string_lossy();
     DataError::bad_value(path, row, column, format!("id {id} is not in {target}"))
 }

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use edge::{Channel, ContentRating, Interaction, InteractionType, User, Video};
 
 use crate::DataError;
-use crate::data::Dataset;
+use crate::data::{Dataset, SourceFiles};
 
 /// GroupLens's genre columns of `u.item`, in order.
 pub const GENRES: [&str; 19] = [
@@ -74,12 +74,21 @@ pub fn detect_layout(dir: &Path) -> Result<Layout, DataError> {
 
 /// Reads MovieLens-100k from `dir` in either layout.
 pub fn import(dir: &Path) -> Result<Dataset, DataError> {
-    let raw = match detect_layout(dir)? {
-        Layout::Atomic => read_atomic(dir)?,
-        Layout::Original => read_original(dir)?,
+    let (raw, [users, items, ratings]) = match detect_layout(dir)? {
+        Layout::Atomic => (
+            read_atomic(dir)?,
+            ["ml-100k.user", "ml-100k.item", "ml-100k.inter"],
+        ),
+        Layout::Original => (read_original(dir)?, ["u.user", "u.item", "u.data"]),
     };
     let dataset = raw.into_dataset();
-    dataset.validate(dir)?;
+    // Channels are derived from the items file, so their errors point there too.
+    dataset.validate(&SourceFiles {
+        users: dir.join(users),
+        videos: dir.join(items),
+        channels: dir.join(items),
+        interactions: dir.join(ratings),
+    })?;
     Ok(dataset)
 }
 
@@ -338,11 +347,13 @@ fn read_atomic(dir: &Path) -> Result<Raw, DataError> {
         .enumerate()
         .map(|(r, row)| {
             let year = table.cell(row, c[2], r, "release_year")?.trim();
+            let (title, title_year) = split_title_year(table.cell(row, c[1], r, "movie_title")?);
             Ok(RawMovie {
                 id: table.parse(row, c[0], r, "item_id")?,
-                title: table.cell(row, c[1], r, "movie_title")?.trim().to_owned(),
-                // RecBole writes "unkonwn" (sic) for the one movie without a date.
-                year: year.parse().ok(),
+                title: title.to_owned(),
+                // RecBole writes "unkonwn" (sic) for the one movie without a date, and a
+                // few titles whose "(year) (V)" it split keep the year in the title.
+                year: year.parse().ok().or(title_year),
                 genres: table
                     .cell(row, c[3], r, "class")?
                     .split_whitespace()
@@ -408,11 +419,16 @@ fn read_original(dir: &Path) -> Result<Raw, DataError> {
                 }
             }
             let release = table.cell(row, 2, r, "release date")?;
+            let (title, title_year) = split_title_year(table.cell(row, 1, r, "movie title")?);
             Ok(RawMovie {
                 id: table.parse(row, 0, r, "movie id")?,
-                title: strip_year(table.cell(row, 1, r, "movie title")?).to_owned(),
+                title: title.to_owned(),
                 // "01-Jan-1995"; empty for the one movie without a date.
-                year: release.rsplit('-').next().and_then(|y| y.parse().ok()),
+                year: release
+                    .rsplit('-')
+                    .next()
+                    .and_then(|y| y.parse().ok())
+                    .or(title_year),
                 genres,
             })
         })
@@ -439,8 +455,8 @@ fn read_original(dir: &Path) -> Result<Raw, DataError> {
     })
 }
 
-/// "Toy Story (1995)" -> "Toy Story".
-fn strip_year(title: &str) -> &str {
+/// "Toy Story (1995)" -> ("Toy Story", Some(1995)).
+fn split_title_year(title: &str) -> (&str, Option<i32>) {
     let title = title.trim();
     match title.rsplit_once(" (") {
         Some((head, tail))
@@ -448,9 +464,9 @@ fn strip_year(title: &str) -> &str {
                 && tail.ends_with(')')
                 && tail[..4].bytes().all(|b| b.is_ascii_digit()) =>
         {
-            head
+            (head, tail[..4].parse().ok())
         }
-        _ => title,
+        _ => (title, None),
     }
 }
 
@@ -468,8 +484,14 @@ mod tests {
 
     #[test]
     fn titles_lose_their_year() {
-        assert_eq!(strip_year("Toy Story (1995)"), "Toy Story");
-        assert_eq!(strip_year("Seven (Se7en) (1995)"), "Seven (Se7en)");
-        assert_eq!(strip_year("unknown"), "unknown");
+        assert_eq!(
+            split_title_year("Toy Story (1995)"),
+            ("Toy Story", Some(1995))
+        );
+        assert_eq!(
+            split_title_year("Seven (Se7en) (1995)"),
+            ("Seven (Se7en)", Some(1995))
+        );
+        assert_eq!(split_title_year("unknown"), ("unknown", None));
     }
 }
