@@ -109,12 +109,12 @@ impl Default for RankerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigFileError {
     /// The file could not be read.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: String,
         /// The OS error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// Not TOML, an unknown key, or a value of the wrong type.
     #[error("{path}: {message}")]
@@ -125,12 +125,12 @@ pub enum ConfigFileError {
         message: String,
     },
     /// A value out of range.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Invalid {
         /// The file.
         path: String,
         /// Which key and why.
-        source: ConfigError,
+        cause: ConfigError,
     },
 }
 
@@ -138,18 +138,18 @@ impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigFileError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Io {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigFileError::Io {
             path: shown.clone(),
-            source,
+            cause,
         })?;
         Self::parse(&text).map_err(|e| match e {
             ConfigFileError::Parse { message, .. } => ConfigFileError::Parse {
                 path: shown.clone(),
                 message,
             },
-            ConfigFileError::Invalid { source, .. } => ConfigFileError::Invalid {
+            ConfigFileError::Invalid { cause, .. } => ConfigFileError::Invalid {
                 path: shown.clone(),
-                source,
+                cause,
             },
             other => other,
         })
@@ -163,9 +163,9 @@ impl Config {
         })?;
         config
             .validate()
-            .map_err(|source| ConfigFileError::Invalid {
+            .map_err(|cause| ConfigFileError::Invalid {
                 path: "<config>".into(),
-                source,
+                cause,
             })?;
         Ok(config)
     }

@@ -7,12 +7,14 @@ use std::path::{Path, PathBuf};
 #[non_exhaustive]
 pub enum DataError {
     /// The file could not be opened, read, written or renamed.
-    #[error("{path}: {source}")]
+    // The OS error is part of the message rather than a `source`, so that reports that
+    // print the error chain (anyhow's `{:#}`) do not say it twice.
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The OS error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The file is not a readable Parquet or CSV file.
     #[error("{path}: unreadable: {message}")]
@@ -57,10 +59,10 @@ pub enum DataError {
 }
 
 impl DataError {
-    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: &Path, cause: std::io::Error) -> Self {
         Self::Io {
             path: path.to_owned(),
-            source,
+            cause,
         }
     }
 

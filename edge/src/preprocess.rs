@@ -71,7 +71,7 @@ impl<T: Ord + Clone + VocabularyKey> Vocabulary<T> {
             .filter(|(_, count)| *count >= u64::from(min_count))
             .collect();
         // Stable sort over a value-ordered list: equal counts stay in value order.
-        ranked.sort_by(|a, b| b.1.cmp(&a.1));
+        ranked.sort_by_key(|entry| std::cmp::Reverse(entry.1));
         ranked.truncate(max_size);
         Self::from_values(
             ranked.into_iter().map(|(value, _)| value).collect(),
