@@ -18,6 +18,7 @@ use std::path::Path;
 use edge::{Channel, ContentRating, Interaction, InteractionType, User, Video};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rand_distr::weighted::WeightedAliasIndex;
 use rand_distr::{Distribution, Gamma, LogNormal, Normal};
 use serde::{Deserialize, Serialize};
 
@@ -520,28 +521,30 @@ fn video_of(seed: u64, video_id: u64, channels: u64) -> (Video, VideoModel, f64)
     (video, model, popularity)
 }
 
-/// Cumulative popularity of the videos of one category, for draws by binary search.
+/// Videos to draw from, by popularity. Draws use Walker's alias method: O(1) and two
+/// memory reads, where a binary search over a million cumulative weights cost about
+/// twenty cache misses a draw.
 #[derive(Default)]
-struct Cumulative {
+struct Popularity {
     videos: Vec<u32>,
-    totals: Vec<f64>,
+    weights: Vec<f64>,
+    alias: Option<WeightedAliasIndex<f64>>,
 }
 
-impl Cumulative {
+impl Popularity {
     fn push(&mut self, video: u32, weight: f64) {
-        let previous = self.totals.last().copied().unwrap_or(0.0);
         self.videos.push(video);
-        self.totals.push(previous + weight);
+        self.weights.push(weight);
+    }
+
+    /// Builds the alias table; until then (and for an empty set) draws return `None`.
+    fn prepare(&mut self) {
+        self.alias = WeightedAliasIndex::new(std::mem::take(&mut self.weights)).ok();
     }
 
     fn draw(&self, rng: &mut impl Rng) -> Option<u32> {
-        let total = *self.totals.last()?;
-        let target = rng.random::<f64>() * total;
-        let index = self
-            .totals
-            .partition_point(|&t| t <= target)
-            .min(self.videos.len() - 1);
-        Some(self.videos[index])
+        let alias = self.alias.as_ref()?;
+        Some(self.videos[alias.sample(rng)])
     }
 }
 
@@ -592,9 +595,9 @@ pub fn generate(
     let bar = progress_bar(show_progress, config.videos, "videos");
     let mut video_writer = TableWriter::<Video>::create(&out.join(Video::FILE))?;
     let mut models = Vec::with_capacity(config.videos as usize);
-    let mut by_category: Vec<Cumulative> =
-        CATEGORIES.iter().map(|_| Cumulative::default()).collect();
-    let mut exposure = Cumulative::default();
+    let mut by_category: Vec<Popularity> =
+        CATEGORIES.iter().map(|_| Popularity::default()).collect();
+    let mut exposure = Popularity::default();
     for video_id in 0..config.videos {
         let (video, model, popularity) = video_of(seed, video_id, channels);
         by_category[model.category as usize].push(video_id as u32, popularity);
@@ -604,6 +607,8 @@ pub fn generate(
         bar.inc(1);
     }
     video_writer.finish()?;
+    by_category.iter_mut().for_each(Popularity::prepare);
+    exposure.prepare();
     bar.finish_and_clear();
 
     let mut user_writer = TableWriter::<User>::create(&out.join(User::FILE))?;
@@ -712,8 +717,8 @@ fn activity_quotas(seed: u64, users: u64, rows: u64) -> Vec<u64> {
 
 struct World<'a> {
     models: &'a [VideoModel],
-    by_category: &'a [Cumulative],
-    exposure: &'a Cumulative,
+    by_category: &'a [Popularity],
+    exposure: &'a Popularity,
     negative_ratio: u32,
 }
 

@@ -9,7 +9,11 @@ pub fn binary(name: &str) -> PathBuf {
         "EDGEREC_BIN_DIR is not set: run `cargo xtask test`, which builds the binaries and sets it",
     );
     let path = PathBuf::from(dir).join(name);
-    assert!(path.is_file(), "{} is missing: run `cargo xtask test`", path.display());
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo xtask test`",
+        path.display()
+    );
     path
 }
 

@@ -13,20 +13,44 @@ fn synthetic_data_from_generation_to_fitted_preprocessing() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let out = stdout_of(&control_plane([
-        "generate", "--users", "400", "--videos", "300", "--interactions", "20000", "--seed", "9", "--out", arg(&data),
+        "generate",
+        "--users",
+        "400",
+        "--videos",
+        "300",
+        "--interactions",
+        "20000",
+        "--seed",
+        "9",
+        "--out",
+        arg(&data),
     ]));
-    assert!(out.starts_with("generated 400 users, 300 videos, 15 channels, 20000 interactions"), "{out}");
+    assert!(
+        out.starts_with("generated 400 users, 300 videos, 15 channels, 20000 interactions"),
+        "{out}"
+    );
 
     let out = stdout_of(&control_plane(["split", "--data", arg(&data)]));
-    assert!(out.starts_with("split 20000 interactions into train "), "{out}");
+    assert!(
+        out.starts_with("split 20000 interactions into train "),
+        "{out}"
+    );
     let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(data.join("split/split.json")).unwrap()).unwrap();
-    let parts = ["train", "validation", "test"].map(|p| manifest[p]["interactions"].as_u64().unwrap());
+        serde_json::from_str(&std::fs::read_to_string(data.join("split/split.json")).unwrap())
+            .unwrap();
+    let parts =
+        ["train", "validation", "test"].map(|p| manifest[p]["interactions"].as_u64().unwrap());
     assert_eq!(parts.iter().sum::<u64>(), 20_000);
     assert!(parts[1] > 0 && parts[2] > 0, "{parts:?}");
 
     let out = stdout_of(&control_plane(["preprocess", "--data", arg(&data)]));
-    assert!(out.starts_with(&format!("fitted preprocessing on {} training interactions", parts[0])), "{out}");
+    assert!(
+        out.starts_with(&format!(
+            "fitted preprocessing on {} training interactions",
+            parts[0]
+        )),
+        "{out}"
+    );
     let preprocessor = std::fs::read(data.join("split/preprocessor.msgpack")).unwrap();
     let fitted = edge::preprocess::Preprocessor::from_bytes(&preprocessor).unwrap();
     assert_eq!(fitted.countries.known_len(), 12);
@@ -34,15 +58,30 @@ fn synthetic_data_from_generation_to_fitted_preprocessing() {
 
 #[test]
 fn movielens_through_the_command_line() {
-    let source = std::env::var_os("EDGEREC_ML100K").expect("EDGEREC_ML100K is not set: run `cargo xtask test`");
+    let source = std::env::var_os("EDGEREC_ML100K")
+        .expect("EDGEREC_ML100K is not set: run `cargo xtask test`");
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("ml");
     let mut args = vec!["import".into(), "movielens".into(), source];
     args.extend(["--out".into(), data.clone().into_os_string()]);
     let out = stdout_of(&control_plane(args));
-    assert!(out.starts_with("imported 943 users, 1682 videos, 19 channels, 100000 interactions"), "{out}");
-    let out = stdout_of(&control_plane(["split", "--data", arg(&data), "--strategy", "time-cut"]));
-    assert!(out.starts_with("split 100000 interactions into train 80000 / validation 10000 / test 10000"), "{out}");
+    assert!(
+        out.starts_with("imported 943 users, 1682 videos, 19 channels, 100000 interactions"),
+        "{out}"
+    );
+    let out = stdout_of(&control_plane([
+        "split",
+        "--data",
+        arg(&data),
+        "--strategy",
+        "time-cut",
+    ]));
+    assert!(
+        out.starts_with(
+            "split 100000 interactions into train 80000 / validation 10000 / test 10000"
+        ),
+        "{out}"
+    );
 }
 
 #[test]
@@ -53,19 +92,40 @@ fn bad_input_fails_with_a_message_not_a_panic() {
         "error: /nonexistent/data: not a data set folder (expected users, videos, channels and interactions .parquet files)"
     );
 
-    let err = stderr_of_failure(&control_plane(["generate", "--users", "many", "--out", "/tmp/x"]), 2);
-    assert!(err.contains("invalid value 'many' for '--users <USERS>'"), "{err}");
+    let err = stderr_of_failure(
+        &control_plane(["generate", "--users", "many", "--out", "/tmp/x"]),
+        2,
+    );
+    assert!(
+        err.contains("invalid value 'many' for '--users <USERS>'"),
+        "{err}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("edgerec.toml");
     std::fs::write(&config, "[split]\nstratgy = \"time-cut\"\n").unwrap();
     let err = stderr_of_failure(&control_plane(["config", "show", arg(&config)]), 1);
-    assert!(err.contains("unknown field `stratgy`") && err.contains("line 2"), "{err}");
+    assert!(
+        err.contains("unknown field `stratgy`") && err.contains("line 2"),
+        "{err}"
+    );
 
-    let err = stderr_of_failure(&control_plane(["split", "--data", arg(dir.path()), "--strategy", "random"]), 2);
+    let err = stderr_of_failure(
+        &control_plane(["split", "--data", arg(dir.path()), "--strategy", "random"]),
+        2,
+    );
     assert!(err.contains("unknown strategy \"random\""), "{err}");
 
-    let err = stderr_of_failure(&control_plane(["import", "movielens", arg(dir.path()), "--out", arg(dir.path())]), 1);
+    let err = stderr_of_failure(
+        &control_plane([
+            "import",
+            "movielens",
+            arg(dir.path()),
+            "--out",
+            arg(dir.path()),
+        ]),
+        1,
+    );
     assert!(err.contains("no MovieLens-100k files"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
@@ -76,6 +136,12 @@ fn config_show_prints_defaults_that_parse_back() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("edgerec.toml");
     std::fs::write(&path, &out).unwrap();
-    assert_eq!(stdout_of(&control_plane(["config", "show", arg(&path)])), out);
-    assert!(out.contains("[two_tower]") && out.contains("temperature = 0.05"), "{out}");
+    assert_eq!(
+        stdout_of(&control_plane(["config", "show", arg(&path)])),
+        out
+    );
+    assert!(
+        out.contains("[two_tower]") && out.contains("temperature = 0.05"),
+        "{out}"
+    );
 }

@@ -104,14 +104,31 @@ fn movielens() -> Result<PathBuf> {
     if ml100k_complete(&dir) {
         return Ok(dir);
     }
-    eprintln!("xtask: fetching MovieLens-100k from the {RECBOLE} wheel into {}", dir.display());
+    eprintln!(
+        "xtask: fetching MovieLens-100k from the {RECBOLE} wheel into {}",
+        dir.display()
+    );
     let download = cache_dir()?.join("download");
     std::fs::create_dir_all(&download)?;
-    run(Command::new("python3").args(["-m", "pip", "download", "--quiet", "--no-deps", "--disable-pip-version-check", RECBOLE, "-d"]).arg(&download))
-        .context("pip download of the recbole wheel (needs python3 with pip and access to PyPI)")?;
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--disable-pip-version-check",
+            RECBOLE,
+            "-d",
+        ])
+        .arg(&download))
+    .context("pip download of the recbole wheel (needs python3 with pip and access to PyPI)")?;
     let wheel = std::fs::read_dir(&download)?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .find(|path| path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("recbole-1.2.1")))
+        .find(|path| {
+            path.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("recbole-1.2.1"))
+        })
         .context("pip reported success but left no recbole wheel")?;
     // Python's zipfile module extracts just the three members; no unzip tool needed.
     let staging = cache_dir()?.join("ml-100k.partial");
