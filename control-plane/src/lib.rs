@@ -4,6 +4,8 @@
 //! generator), splits, the typed configuration and the preprocessing fit. Training,
 //! bundles, the registry and the REST API build on these.
 
+#![warn(missing_docs)]
+
 pub mod config;
 pub mod csv_import;
 pub mod data;

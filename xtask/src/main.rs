@@ -177,8 +177,9 @@ fn target_dir() -> PathBuf {
 
 fn test(args: &[OsString]) -> Result<()> {
     let ml100k = movielens()?;
-    // End-to-end tests start the real binaries; build them with the test profile first.
-    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    // End-to-end tests start the real binaries, so build them first. All targets at once
+    // unify features as `cargo test` will, so the test run reuses this build.
+    run(cargo().args(["build", "--workspace", "--all-targets"]))?;
     run(cargo()
         .args(["test", "--workspace"])
         .args(args)
