@@ -213,8 +213,6 @@ pub fn days_from_civil(year: i32, month: u32, day: u32) -> i64 {
 /// One delimited text file, read whole, with errors that name file, row and column.
 struct TextTable {
     path: PathBuf,
-    /// Number of lines before the first data row (1 for a header).
-    header_lines: u64,
     rows: Vec<Vec<String>>,
 }
 
@@ -250,11 +248,22 @@ impl TextTable {
         Ok((
             Self {
                 path: path.to_owned(),
-                header_lines: u64::from(header),
                 rows,
             },
             header_fields,
         ))
+    }
+
+    /// Builds one value per data row; `r` is the 0-based row index.
+    fn map_rows<T>(
+        &self,
+        build: impl Fn(usize, &[String]) -> Result<T, DataError>,
+    ) -> Result<Vec<T>, DataError> {
+        self.rows
+            .iter()
+            .enumerate()
+            .map(|(r, row)| build(r, row))
+            .collect()
     }
 
     fn cell<'a>(
@@ -319,21 +328,15 @@ fn read_atomic(dir: &Path) -> Result<Raw, DataError> {
         &header,
         &["user_id", "age", "gender", "occupation", "zip_code"],
     )?;
-    let users = table
-        .rows
-        .iter()
-        .enumerate()
-        .map(|(r, row)| {
-            Ok(RawUser {
-                id: table.parse(row, c[0], r, "user_id")?,
-                age: table.parse(row, c[1], r, "age")?,
-                gender: table.cell(row, c[2], r, "gender")?.to_owned(),
-                occupation: table.cell(row, c[3], r, "occupation")?.to_owned(),
-                zip: table.cell(row, c[4], r, "zip_code")?.to_owned(),
-            })
+    let users = table.map_rows(|r, row| {
+        Ok(RawUser {
+            id: table.parse(row, c[0], r, "user_id")?,
+            age: table.parse(row, c[1], r, "age")?,
+            gender: table.cell(row, c[2], r, "gender")?.to_owned(),
+            occupation: table.cell(row, c[3], r, "occupation")?.to_owned(),
+            zip: table.cell(row, c[4], r, "zip_code")?.to_owned(),
         })
-        .collect::<Result<_, DataError>>()?;
-    debug_assert_eq!(table.header_lines, 1);
+    })?;
 
     let (table, header) = TextTable::read(&dir.join("ml-100k.item"), '\t', true, false)?;
     let c = columns(
@@ -341,27 +344,22 @@ fn read_atomic(dir: &Path) -> Result<Raw, DataError> {
         &header,
         &["item_id", "movie_title", "release_year", "class"],
     )?;
-    let movies = table
-        .rows
-        .iter()
-        .enumerate()
-        .map(|(r, row)| {
-            let year = table.cell(row, c[2], r, "release_year")?.trim();
-            let (title, title_year) = split_title_year(table.cell(row, c[1], r, "movie_title")?);
-            Ok(RawMovie {
-                id: table.parse(row, c[0], r, "item_id")?,
-                title: title.to_owned(),
-                // RecBole writes "unkonwn" (sic) for the one movie without a date, and a
-                // few titles whose "(year) (V)" it split keep the year in the title.
-                year: year.parse().ok().or(title_year),
-                genres: table
-                    .cell(row, c[3], r, "class")?
-                    .split_whitespace()
-                    .map(str::to_owned)
-                    .collect(),
-            })
+    let movies = table.map_rows(|r, row| {
+        let year = table.cell(row, c[2], r, "release_year")?.trim();
+        let (title, title_year) = split_title_year(table.cell(row, c[1], r, "movie_title")?);
+        Ok(RawMovie {
+            id: table.parse(row, c[0], r, "item_id")?,
+            title: title.to_owned(),
+            // RecBole writes "unkonwn" (sic) for the one movie without a date, and a
+            // few titles whose "(year) (V)" it split keep the year in the title.
+            year: year.parse().ok().or(title_year),
+            genres: table
+                .cell(row, c[3], r, "class")?
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect(),
         })
-        .collect::<Result<_, DataError>>()?;
+    })?;
 
     let (table, header) = TextTable::read(&dir.join("ml-100k.inter"), '\t', true, false)?;
     let c = columns(
@@ -369,19 +367,14 @@ fn read_atomic(dir: &Path) -> Result<Raw, DataError> {
         &header,
         &["user_id", "item_id", "rating", "timestamp"],
     )?;
-    let ratings = table
-        .rows
-        .iter()
-        .enumerate()
-        .map(|(r, row)| {
-            Ok(RawRating {
-                user: table.parse(row, c[0], r, "user_id")?,
-                item: table.parse(row, c[1], r, "item_id")?,
-                rating: table.parse(row, c[2], r, "rating")?,
-                timestamp: table.parse::<f64>(row, c[3], r, "timestamp")? as i64,
-            })
+    let ratings = table.map_rows(|r, row| {
+        Ok(RawRating {
+            user: table.parse(row, c[0], r, "user_id")?,
+            item: table.parse(row, c[1], r, "item_id")?,
+            rating: table.parse(row, c[2], r, "rating")?,
+            timestamp: table.parse::<f64>(row, c[3], r, "timestamp")? as i64,
         })
-        .collect::<Result<_, DataError>>()?;
+    })?;
     Ok(Raw {
         users,
         movies,
@@ -391,63 +384,48 @@ fn read_atomic(dir: &Path) -> Result<Raw, DataError> {
 
 fn read_original(dir: &Path) -> Result<Raw, DataError> {
     let (table, _) = TextTable::read(&dir.join("u.user"), '|', false, true)?;
-    let users = table
-        .rows
-        .iter()
-        .enumerate()
-        .map(|(r, row)| {
-            Ok(RawUser {
-                id: table.parse(row, 0, r, "user id")?,
-                age: table.parse(row, 1, r, "age")?,
-                gender: table.cell(row, 2, r, "gender")?.to_owned(),
-                occupation: table.cell(row, 3, r, "occupation")?.to_owned(),
-                zip: table.cell(row, 4, r, "zip code")?.to_owned(),
-            })
+    let users = table.map_rows(|r, row| {
+        Ok(RawUser {
+            id: table.parse(row, 0, r, "user id")?,
+            age: table.parse(row, 1, r, "age")?,
+            gender: table.cell(row, 2, r, "gender")?.to_owned(),
+            occupation: table.cell(row, 3, r, "occupation")?.to_owned(),
+            zip: table.cell(row, 4, r, "zip code")?.to_owned(),
         })
-        .collect::<Result<_, DataError>>()?;
+    })?;
 
     let (table, _) = TextTable::read(&dir.join("u.item"), '|', false, true)?;
-    let movies = table
-        .rows
-        .iter()
-        .enumerate()
-        .map(|(r, row)| {
-            let mut genres = Vec::new();
-            for (offset, genre) in GENRES.iter().enumerate() {
-                if table.parse::<u8>(row, 5 + offset, r, genre)? == 1 {
-                    genres.push((*genre).to_owned());
-                }
+    let movies = table.map_rows(|r, row| {
+        let mut genres = Vec::new();
+        for (offset, genre) in GENRES.iter().enumerate() {
+            if table.parse::<u8>(row, 5 + offset, r, genre)? == 1 {
+                genres.push((*genre).to_owned());
             }
-            let release = table.cell(row, 2, r, "release date")?;
-            let (title, title_year) = split_title_year(table.cell(row, 1, r, "movie title")?);
-            Ok(RawMovie {
-                id: table.parse(row, 0, r, "movie id")?,
-                title: title.to_owned(),
-                // "01-Jan-1995"; empty for the one movie without a date.
-                year: release
-                    .rsplit('-')
-                    .next()
-                    .and_then(|y| y.parse().ok())
-                    .or(title_year),
-                genres,
-            })
+        }
+        let release = table.cell(row, 2, r, "release date")?;
+        let (title, title_year) = split_title_year(table.cell(row, 1, r, "movie title")?);
+        Ok(RawMovie {
+            id: table.parse(row, 0, r, "movie id")?,
+            title: title.to_owned(),
+            // "01-Jan-1995"; empty for the one movie without a date.
+            year: release
+                .rsplit('-')
+                .next()
+                .and_then(|y| y.parse().ok())
+                .or(title_year),
+            genres,
         })
-        .collect::<Result<_, DataError>>()?;
+    })?;
 
     let (table, _) = TextTable::read(&dir.join("u.data"), '\t', false, false)?;
-    let ratings = table
-        .rows
-        .iter()
-        .enumerate()
-        .map(|(r, row)| {
-            Ok(RawRating {
-                user: table.parse(row, 0, r, "user id")?,
-                item: table.parse(row, 1, r, "item id")?,
-                rating: table.parse(row, 2, r, "rating")?,
-                timestamp: table.parse(row, 3, r, "timestamp")?,
-            })
+    let ratings = table.map_rows(|r, row| {
+        Ok(RawRating {
+            user: table.parse(row, 0, r, "user id")?,
+            item: table.parse(row, 1, r, "item id")?,
+            rating: table.parse(row, 2, r, "rating")?,
+            timestamp: table.parse(row, 3, r, "timestamp")?,
         })
-        .collect::<Result<_, DataError>>()?;
+    })?;
     Ok(Raw {
         users,
         movies,
