@@ -9,6 +9,7 @@
 pub mod config;
 pub mod csv_import;
 pub mod data;
+pub mod eval;
 mod error;
 pub mod movielens;
 pub mod parquet_io;

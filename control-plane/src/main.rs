@@ -8,6 +8,9 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use control_plane::config::Config;
 use control_plane::data::Dataset;
+use control_plane::eval::{
+    Comparison, EvalSet, ItemKnn, MostPopular, Part, evaluate, training_histories,
+};
 use control_plane::split::{Split, Strategy, split};
 use control_plane::synthetic::{GeneratorConfig, generate};
 use control_plane::{csv_import, movielens};
@@ -35,9 +38,41 @@ enum Command {
     Split(SplitArgs),
     /// Fit the preprocessing artifacts (vocabularies, normalizers) on a training split.
     Preprocess(PreprocessArgs),
+    /// Evaluate offline.
+    #[command(subcommand)]
+    Eval(EvalCommand),
     /// Show the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Full-catalogue retrieval metrics (Recall, NDCG, HitRate at 10/20/50/100) of the
+    /// baselines, most-popular and ItemKNN.
+    Retrieval(EvalRetrievalArgs),
+}
+
+#[derive(Args)]
+struct EvalRetrievalArgs {
+    /// Data set folder.
+    #[arg(long)]
+    data: PathBuf,
+    /// Split folder [default: DATA/split].
+    #[arg(long)]
+    split: Option<PathBuf>,
+    /// Config file (its [engagement] section defines positives).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Held-out part: test (history = train + validation) or validation (history = train).
+    #[arg(long, default_value = "test", value_parser = parse_part)]
+    part: Part,
+    /// Neighbours kept per video by ItemKNN.
+    #[arg(long, default_value_t = 100)]
+    neighbors: usize,
+    /// Also write the reports as JSON here.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -129,6 +164,16 @@ fn parse_strategy(text: &str) -> Result<Strategy, String> {
         "time-cut" => Ok(Strategy::TimeCut),
         other => Err(format!(
             "unknown strategy {other:?}, expected leave-last-n or time-cut"
+        )),
+    }
+}
+
+fn parse_part(text: &str) -> Result<Part, String> {
+    match text {
+        "test" => Ok(Part::Test),
+        "validation" => Ok(Part::Validation),
+        other => Err(format!(
+            "unknown part {other:?}, expected test or validation"
         )),
     }
 }
@@ -262,6 +307,31 @@ fn run(cli: Cli) -> Result<()> {
                 bytes.len(),
                 out.display()
             );
+        }
+        Command::Eval(EvalCommand::Retrieval(args)) => {
+            let config = load_config(args.config.as_deref())?;
+            let dataset = Dataset::load(&args.data)?;
+            let split_dir = args.split.unwrap_or_else(|| args.data.join("split"));
+            let parts = Split::load(&split_dir)?;
+            let rules = &config.engagement;
+            let set = EvalSet::new(&parts, &dataset.videos, rules, args.part);
+            anyhow::ensure!(
+                !set.users.is_empty(),
+                "no user of {} has a positive interaction in the {:?} part: nothing to evaluate",
+                split_dir.display(),
+                args.part
+            );
+            let histories = training_histories(&parts, &dataset.videos, rules, args.part);
+            let popular = MostPopular::fit(&histories, &set.catalogue);
+            let knn = ItemKnn::fit(&histories, &set.catalogue, args.neighbors);
+            let comparison = Comparison {
+                reports: vec![evaluate(&popular, &set), evaluate(&knn, &set)],
+            };
+            println!("{comparison}");
+            if let Some(out) = args.out {
+                let json = serde_json::to_string_pretty(&comparison)?;
+                std::fs::write(&out, json).with_context(|| out.display().to_string())?;
+            }
         }
         Command::Config(ConfigCommand::Show { file }) => {
             print!("{}", load_config(file.as_deref())?.to_toml());
