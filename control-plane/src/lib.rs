@@ -16,5 +16,6 @@ pub mod parquet_io;
 pub mod progress;
 pub mod split;
 pub mod synthetic;
+pub mod two_tower;
 
 pub use error::DataError;

@@ -184,6 +184,9 @@ fn test(args: &[OsString]) -> Result<()> {
         .args(["test", "--workspace"])
         .args(args)
         .env("EDGEREC_ML100K", &ml100k)
+        // candle's CPU barrier pool busy-waits; on a shared 2-core machine one thread is
+        // faster (see shared/NOTES.md).
+        .env("CANDLE_NUM_THREADS", "1")
         .env("EDGEREC_BIN_DIR", target_dir().join("debug")))
 }
 
