@@ -9,8 +9,8 @@
 pub mod config;
 pub mod csv_import;
 pub mod data;
-pub mod eval;
 mod error;
+pub mod eval;
 pub mod movielens;
 pub mod parquet_io;
 pub mod progress;
