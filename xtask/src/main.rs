@@ -14,7 +14,7 @@ const USAGE: &str = "\
 usage: cargo xtask <task> [args]
 
 tasks:
-  demo       fetch data, then generate, import, split and fit preprocessing; print a summary
+  demo       fetch data; generate, import, split, fit preprocessing, train the two-tower model; print a summary
   test       fetch test data, build the binaries, run every test (args go to cargo test)
   fixtures   fetch MovieLens-100k into the cache folder and print its path
 
@@ -199,6 +199,7 @@ fn demo() -> Result<()> {
     let movielens = out.join("ml-100k");
     let step = |args: &[&dyn AsRef<std::ffi::OsStr>]| {
         let mut command = Command::new(&control_plane);
+        command.env("CANDLE_NUM_THREADS", "1");
         for arg in args {
             command.arg(arg);
         }
@@ -212,8 +213,10 @@ fn demo() -> Result<()> {
     step(&[&"import", &"movielens", &ml100k, &"--out", &movielens])?;
     step(&[&"split", &"--data", &movielens])?;
     step(&[&"preprocess", &"--data", &movielens])?;
+    println!("== two-tower retrieval on MovieLens-100k (about 5 minutes)");
+    step(&[&"train", &"two-tower", &"--data", &movielens])?;
     println!(
-        "\ndemo data in {}\n(training, bundles, the host and the browser demo are not built yet: see the open issues)",
+        "\ndemo data in {}\n(the ONNX export, the shard, the ranker, bundles, the host and the browser demo are not built yet: see the open issues)",
         out.display()
     );
     Ok(())
