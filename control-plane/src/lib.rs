@@ -12,6 +12,7 @@ pub mod data;
 mod error;
 pub mod eval;
 pub mod movielens;
+pub mod onnx_export;
 pub mod parquet_io;
 pub mod progress;
 pub mod split;

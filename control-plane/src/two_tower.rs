@@ -435,6 +435,12 @@ impl TwoTower {
         l2_normalize(&self.video_mlp.forward(&x)?)
     }
 
+    /// User embeddings (row-major `[inputs.len(), output_dim]`) computed by candle.
+    pub fn user_embeddings(&self, inputs: &[UserTowerInput]) -> Result<Vec<f32>, TrainError> {
+        let batch = UserBatch::new(inputs, &Device::Cpu)?;
+        Ok(self.users(&batch)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
     fn snapshot(&self) -> candle_core::Result<Vec<Tensor>> {
         self.vars
             .iter()
