@@ -388,6 +388,8 @@ fn run(cli: Cli) -> Result<()> {
                 out.join("model.safetensors"),
             )?;
             std::fs::write(out.join("preprocessor.msgpack"), preprocessor.to_bytes())?;
+            let onnx = control_plane::onnx_export::export_user_tower(&trained.model)?;
+            std::fs::write(out.join("user_tower.onnx"), &onnx)?;
             std::fs::write(
                 out.join("report.json"),
                 serde_json::to_string_pretty(&serde_json::json!({
