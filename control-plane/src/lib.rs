@@ -15,6 +15,7 @@ pub mod movielens;
 pub mod onnx_export;
 pub mod parquet_io;
 pub mod progress;
+pub mod shard_build;
 pub mod split;
 pub mod synthetic;
 pub mod two_tower;

@@ -44,6 +44,9 @@ enum Command {
     /// Evaluate offline.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Benchmarks that print medians and p99 beside a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Show the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -69,6 +72,26 @@ struct TrainTwoTowerArgs {
     /// Output folder for the weights and the report [default: SPLIT/two-tower].
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Build an HNSW shard of clustered unit vectors, then time searches at ef 64, 128
+    /// and 256 against exact search, with recall@100.
+    Shard {
+        /// Videos in the shard.
+        #[arg(long, default_value_t = 100_000)]
+        videos: usize,
+        /// Embedding dimension.
+        #[arg(long, default_value_t = 64)]
+        dim: usize,
+        /// Queries timed per setting.
+        #[arg(long, default_value_t = 1_000)]
+        queries: usize,
+        /// Seed of the vectors and queries.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -424,6 +447,21 @@ fn run(cli: Cli) -> Result<()> {
                 let json = serde_json::to_string_pretty(&comparison)?;
                 std::fs::write(&out, json).with_context(|| out.display().to_string())?;
             }
+        }
+        Command::Bench(BenchCommand::Shard {
+            videos,
+            dim,
+            queries,
+            seed,
+        }) => {
+            anyhow::ensure!(
+                videos > 0 && dim > 0 && queries > 0,
+                "--videos, --dim and --queries must be at least 1"
+            );
+            println!(
+                "{}",
+                control_plane::shard_build::bench_shard(videos, dim, queries, seed)
+            );
         }
         Command::Config(ConfigCommand::Show { file }) => {
             print!("{}", load_config(file.as_deref())?.to_toml());

@@ -34,6 +34,33 @@ pub enum Error {
         /// Why the input is unusable.
         reason: String,
     },
+    /// Bytes given to `Shard::open` are not a shard this build can search: truncated,
+    /// corrupted, or structurally inconsistent.
+    #[error("invalid shard: {reason}")]
+    InvalidShard {
+        /// What is wrong, e.g. `layer 0, point 17: neighbour 900 is not below the point count 500`.
+        reason: String,
+    },
+    /// `ShardWriter` was given ids, vectors or a graph it cannot turn into a shard.
+    #[error("cannot write shard: {reason}")]
+    InvalidShardInput {
+        /// What is wrong with the input.
+        reason: String,
+    },
+    /// A query vector does not have the shard's number of dimensions.
+    #[error("query has {found} dimensions, the shard has {expected}")]
+    DimensionMismatch {
+        /// The shard's dimension.
+        expected: usize,
+        /// The query's length.
+        found: usize,
+    },
+    /// A query vector holds NaN or an infinity, which would make every score meaningless.
+    #[error("query value at index {index} is not finite")]
+    NonFiniteQuery {
+        /// The position of the first non-finite value.
+        index: usize,
+    },
 }
 
 /// A configuration value that is out of range, named by its dotted key

@@ -1,0 +1,925 @@
+//! The compact HNSW shard: video embeddings and their navigation graph, read-only.
+//!
+//! The control plane builds the graph (hnsw_rs does not build for wasm) and writes it with
+//! [`ShardWriter`]; the serving path opens the bytes with [`Shard::open`], which checks
+//! everything once, and then searches with a hot loop that cannot fail:
+//!
+//! ```
+//! # use edge::shard::{Shard, ShardGraph, ShardWriter};
+//! # let ids = [7_u64, 8];
+//! # let vectors = [1.0_f32, 0.0, 0.0, 1.0];
+//! # let graph = ShardGraph {
+//! #     layers: vec![vec![(0, vec![1]), (1, vec![0])]],
+//! #     entry_point: 0,
+//! # };
+//! let bytes = ShardWriter::new(2).write(&ids, &vectors, &graph)?;
+//! let shard = Shard::open(bytes)?;
+//! let hits = shard.nns(1).ef(16).search(&[0.9, 0.1])?;
+//! assert_eq!(hits[0].0, 7);
+//! # Ok::<(), edge::Error>(())
+//! ```
+//!
+//! # Format (version 1, little-endian)
+//!
+//! | bytes | content |
+//! | --- | --- |
+//! | 0..8 | magic `EDGESHRD` |
+//! | 8..12 | format version, u32 |
+//! | 12..16 | `dim`, u32 |
+//! | 16..20 | `n`, the point count, u32 (at most 2^31 - 1) |
+//! | 20..24 | `L`, the layer count, u32 (at least 1) |
+//! | 24..28 | entry point, u32 (a point of layer `L - 1`) |
+//! | 28..32 | default `ef` for searches, u32 (0: [`DEFAULT_EF`]) |
+//! | 32..40, 40..48, 48..56, 56..64 | offsets of the id, scale, vector and layer-table sections, u64 |
+//! | ids | `n` video ids, u64 |
+//! | scales | `n` quantization scales, f32 (finite, >= 0) |
+//! | vectors | `n * dim` components, i8: a vector is `scale * v` |
+//! | layer table | `L` entries of 20 bytes: member count u32, blob offset u64, blob length u64 |
+//! | layer blobs | one per layer, see below |
+//! | last 8 bytes | xxh3-64 of everything before them |
+//!
+//! Sections follow each other in this order and lie between the header and the checksum.
+//!
+//! A neighbour list is the degree, then the neighbours in ascending order: the first as the
+//! zigzag-encoded difference from the list's own point, each next one as the gap from the
+//! previous minus one, all as LEB128 varints. The writer orders points so that near vectors
+//! get near positions ([`ShardWriter::locality_order`]), which makes most of these numbers
+//! fit in one byte. Layer 0 is the `n` lists in point order. An upper layer lists its members
+//! in ascending order, each as a varint gap from the previous member (minus one; the first
+//! as its position) followed by its list; members of layer `l + 1` are members of layer `l`,
+//! and upper-layer neighbours are members of their layer.
+//!
+//! A query of f32 scores `scale_i * sum_j q_j * v_ij` (inner product): larger is closer.
+//!
+//! Size at dim 64 and M 16 (hnsw_rs graphs of clustered embeddings, measured with
+//! `control-plane`'s `shard_build`): 111 bytes per video at 20,000 videos, 122 at 100,000,
+//! everything included: 8 id, 4 scale, 64 vector, and 35-46 of graph for a mean
+//! layer-0 degree of 24-26 (a plain u32 CSR would take about 110).
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::BinaryHeap;
+use std::ops::Range;
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::Error;
+
+mod writer;
+
+pub use writer::{LayerLists, ShardGraph, ShardWriter};
+
+/// The first eight bytes of every shard.
+pub const SHARD_MAGIC: [u8; 8] = *b"EDGESHRD";
+/// The format version this build writes and reads.
+pub const SHARD_FORMAT_VERSION: u32 = 1;
+/// The beam width used when neither the shard nor the query names one.
+pub const DEFAULT_EF: usize = 128;
+/// The largest point count: list heads are stored as an i32 difference between two points.
+pub const MAX_POINTS: usize = i32::MAX as usize;
+
+const HEADER_LEN: usize = 64;
+const LAYER_ENTRY_LEN: usize = 20;
+const TRAILER_LEN: usize = 8;
+/// Far more than any real graph (hnsw_rs stops at 16); bounds the layer table before it is read.
+const MAX_LAYERS: usize = 64;
+
+/// An open shard: validated, immutable, searchable from many threads at once.
+#[derive(Debug, Clone)]
+pub struct Shard {
+    bytes: Vec<u8>,
+    dim: usize,
+    ids: Vec<u64>,
+    scales: Vec<f32>,
+    vectors: Range<usize>,
+    /// Layer 0 stays varint-encoded in `bytes`; `base_offsets[i]..base_offsets[i + 1]` is
+    /// point `i`'s list, relative to `base`.
+    base: Range<usize>,
+    base_offsets: Vec<u32>,
+    /// Layers 1.. decoded (they hold a few percent of the points).
+    upper: Vec<UpperLayer>,
+    entry_point: u32,
+    search_ef: usize,
+}
+
+#[derive(Debug, Clone)]
+struct UpperLayer {
+    /// Sorted ascending, so a point's list is found by binary search.
+    members: Vec<u32>,
+    offsets: Vec<u32>,
+    neighbours: Vec<u32>,
+}
+
+impl UpperLayer {
+    fn neighbours_of(&self, point: u32) -> &[u32] {
+        // Validation guarantees `point` is a member during a descent; an empty list is the
+        // harmless answer if it ever were not.
+        let Ok(position) = self.members.binary_search(&point) else {
+            return &[];
+        };
+        let start = self.offsets[position] as usize;
+        let end = self.offsets[position + 1] as usize;
+        &self.neighbours[start..end]
+    }
+}
+
+impl Shard {
+    /// Checks `bytes` completely (magic, version, checksum, every size, offset, neighbour
+    /// id and the entry point) and keeps them for searching.
+    pub fn open(bytes: Vec<u8>) -> Result<Self, Error> {
+        let parsed = Parsed::new(&bytes)?;
+        Ok(Self {
+            bytes,
+            dim: parsed.dim,
+            ids: parsed.ids,
+            scales: parsed.scales,
+            vectors: parsed.vectors,
+            base: parsed.base,
+            base_offsets: parsed.base_offsets,
+            upper: parsed.upper,
+            entry_point: parsed.entry_point,
+            search_ef: parsed.search_ef,
+        })
+    }
+
+    /// The number of videos.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether the shard holds no video (never true for an opened shard).
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The dimension of the vectors and of queries.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// The number of graph layers, at least 1.
+    pub fn layer_count(&self) -> usize {
+        self.upper.len() + 1
+    }
+
+    /// The video ids, in storage order.
+    pub fn video_ids(&self) -> &[u64] {
+        &self.ids
+    }
+
+    /// The size of the shard's bytes.
+    pub fn byte_len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// The beam width searches use unless the query sets one: the writer's choice, else
+    /// [`DEFAULT_EF`].
+    pub fn search_ef(&self) -> usize {
+        self.search_ef
+    }
+
+    /// The dequantized vector of the video at storage position `position`, or `None` past
+    /// the end.
+    pub fn vector(&self, position: usize) -> Option<Vec<f32>> {
+        let scale = *self.scales.get(position)?;
+        Some(
+            self.quantized(position)
+                .iter()
+                .map(|&b| scale * f32::from(b as i8))
+                .collect(),
+        )
+    }
+
+    /// A query for the `k` best videos, with the shard's beam width until
+    /// [`Query::ef`] changes it.
+    pub fn nns(&self, k: usize) -> Query<'_> {
+        Query {
+            shard: self,
+            k,
+            ef: self.search_ef,
+        }
+    }
+
+    /// The exact `k` best videos by brute force over the quantized vectors, best first (for
+    /// measuring the graph search against).
+    pub fn exact_search(&self, query: &[f32], k: usize) -> Result<Vec<(u64, f32)>, Error> {
+        self.check_query(query)?;
+        let k = k.min(self.len());
+        if k == 0 {
+            return Ok(Vec::new());
+        }
+        let mut best: BinaryHeap<Reverse<Scored>> = BinaryHeap::with_capacity(k + 1);
+        for point in 0..self.len() as u32 {
+            let candidate = Scored {
+                score: self.score(query, point),
+                point,
+            };
+            if best.len() < k {
+                best.push(Reverse(candidate));
+            } else if best.peek().is_some_and(|worst| candidate > worst.0) {
+                best.pop();
+                best.push(Reverse(candidate));
+            }
+        }
+        Ok(self.hits(best.into_iter().map(|r| r.0), k))
+    }
+
+    fn check_query(&self, query: &[f32]) -> Result<(), Error> {
+        if query.len() != self.dim {
+            return Err(Error::DimensionMismatch {
+                expected: self.dim,
+                found: query.len(),
+            });
+        }
+        if let Some(index) = query.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFiniteQuery { index });
+        }
+        Ok(())
+    }
+
+    fn quantized(&self, point: usize) -> &[u8] {
+        let start = self.vectors.start + point * self.dim;
+        &self.bytes[start..start + self.dim]
+    }
+
+    fn score(&self, query: &[f32], point: u32) -> f32 {
+        let point = point as usize;
+        self.scales[point] * dot_i8(query, self.quantized(point))
+    }
+
+    fn base_neighbours(&self, point: u32) -> ListIter<'_> {
+        let start = self.base.start + self.base_offsets[point as usize] as usize;
+        let end = self.base.start + self.base_offsets[point as usize + 1] as usize;
+        ListIter::new(&self.bytes[start..end], point)
+    }
+
+    /// The graph search: greedy descent through the upper layers, then a beam of width `ef`
+    /// at layer 0.
+    fn search_graph(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        scratch: &mut SearchScratch,
+    ) -> Vec<(u64, f32)> {
+        let mut current = self.entry_point;
+        let mut current_score = self.score(query, current);
+        for layer in self.upper.iter().rev() {
+            loop {
+                let mut moved = false;
+                for &neighbour in layer.neighbours_of(current) {
+                    let score = self.score(query, neighbour);
+                    if score > current_score {
+                        current = neighbour;
+                        current_score = score;
+                        moved = true;
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+        }
+
+        let k = k.min(self.len());
+        let ef = ef.max(k).max(1);
+        scratch.begin(self.len());
+        let SearchScratch {
+            visited,
+            epoch,
+            candidates,
+            results,
+        } = scratch;
+        let epoch = *epoch;
+        let start = Scored {
+            score: current_score,
+            point: current,
+        };
+        visited[current as usize] = epoch;
+        candidates.push(start);
+        results.push(Reverse(start));
+        while let Some(candidate) = candidates.pop() {
+            let worst = results.peek().map_or(f32::NEG_INFINITY, |r| r.0.score);
+            if results.len() >= ef && candidate.score < worst {
+                break;
+            }
+            for neighbour in self.base_neighbours(candidate.point) {
+                let seen = &mut visited[neighbour as usize];
+                if *seen == epoch {
+                    continue;
+                }
+                *seen = epoch;
+                let scored = Scored {
+                    score: self.score(query, neighbour),
+                    point: neighbour,
+                };
+                if results.len() < ef || results.peek().is_some_and(|worst| scored > worst.0) {
+                    candidates.push(scored);
+                    results.push(Reverse(scored));
+                    if results.len() > ef {
+                        results.pop();
+                    }
+                }
+            }
+        }
+        candidates.clear();
+        self.hits(results.drain().map(|r| r.0), k)
+    }
+
+    /// Best first, ties by video id so equal scores come out in a reproducible order.
+    fn hits(&self, scored: impl Iterator<Item = Scored>, k: usize) -> Vec<(u64, f32)> {
+        let mut hits: Vec<(u64, f32)> = scored
+            .map(|s| (self.ids[s.point as usize], s.score))
+            .collect();
+        hits.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        hits.truncate(k);
+        hits
+    }
+}
+
+/// A search for the `k` best videos, built by [`Shard::nns`] (in the style of arroy's
+/// `reader.nns(k).ef_search(ef)`).
+#[derive(Debug, Clone, Copy)]
+pub struct Query<'a> {
+    shard: &'a Shard,
+    k: usize,
+    ef: usize,
+}
+
+impl Query<'_> {
+    /// The beam width at layer 0: larger finds more of the true best at more cost. Values
+    /// below `k` are raised to `k`.
+    pub fn ef(mut self, ef: usize) -> Self {
+        self.ef = ef;
+        self
+    }
+
+    /// Searches with fresh scratch space; see [`Query::search_with`] to reuse it.
+    pub fn search(&self, query: &[f32]) -> Result<Vec<(u64, f32)>, Error> {
+        self.search_with(query, &mut SearchScratch::default())
+    }
+
+    /// The `k` best videos as `(video_id, score)`, best first, reusing `scratch` so that a
+    /// search allocates only its answer. Fails only on a query of the wrong dimension or
+    /// with a non-finite value.
+    pub fn search_with(
+        &self,
+        query: &[f32],
+        scratch: &mut SearchScratch,
+    ) -> Result<Vec<(u64, f32)>, Error> {
+        self.shard.check_query(query)?;
+        if self.k == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(self.shard.search_graph(query, self.k, self.ef, scratch))
+    }
+}
+
+/// Reusable working memory for searches: a visited mark per point and the two heaps. One
+/// per thread; it fits any shard and grows to the largest it has searched.
+#[derive(Debug, Default, Clone)]
+pub struct SearchScratch {
+    /// `visited[p] == epoch` marks `p` as seen in the current search, so clearing is a
+    /// counter increment rather than a pass over every point.
+    visited: Vec<u32>,
+    epoch: u32,
+    candidates: BinaryHeap<Scored>,
+    results: BinaryHeap<Reverse<Scored>>,
+}
+
+impl SearchScratch {
+    fn begin(&mut self, points: usize) {
+        if self.visited.len() < points {
+            self.visited.resize(points, 0);
+        }
+        self.epoch = self.epoch.wrapping_add(1);
+        if self.epoch == 0 {
+            self.visited.fill(0);
+            self.epoch = 1;
+        }
+        self.candidates.clear();
+        self.results.clear();
+    }
+}
+
+/// A point and its score, ordered by score, then by lower position (so ties resolve the
+/// same way every time).
+#[derive(Debug, Clone, Copy)]
+struct Scored {
+    score: f32,
+    point: u32,
+}
+
+impl PartialEq for Scored {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Scored {}
+
+impl PartialOrd for Scored {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Scored {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.score
+            .total_cmp(&other.score)
+            .then_with(|| other.point.cmp(&self.point))
+    }
+}
+
+/// `sum_j q_j * v_j` with `v` as i8. Independent sums over fixed-size chunks let the
+/// compiler vectorize without bounds checks (f32 addition is not associative, so it will
+/// not split one running sum by itself). Eight measured fastest on x86-64's baseline
+/// (16 ns for 64 dimensions; 16 and 32 were slower).
+fn dot_i8(query: &[f32], vector: &[u8]) -> f32 {
+    const LANES: usize = 8;
+    let (query_chunks, query_tail) = query.as_chunks::<LANES>();
+    let (vector_chunks, vector_tail) = vector.as_chunks::<LANES>();
+    let mut sums = [0.0_f32; LANES];
+    for (q, v) in query_chunks.iter().zip(vector_chunks) {
+        for ((sum, &q), &v) in sums.iter_mut().zip(q).zip(v) {
+            *sum += q * f32::from(v as i8);
+        }
+    }
+    let tail: f32 = query_tail
+        .iter()
+        .zip(vector_tail)
+        .map(|(&q, &v)| q * f32::from(v as i8))
+        .sum();
+    sums.iter().sum::<f32>() + tail
+}
+
+// ---------------------------------------------------------------------------------------
+// Encoding helpers shared with the writer.
+
+fn put_varint(out: &mut Vec<u8>, mut value: u32) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+/// A LEB128 u32 at `*pos`, or `None` if the bytes end first or it does not fit 32 bits.
+fn read_varint(bytes: &[u8], pos: &mut usize) -> Option<u32> {
+    let mut value = 0_u32;
+    for shift in [0_u32, 7, 14, 21, 28] {
+        let byte = *bytes.get(*pos)?;
+        *pos += 1;
+        let low = u32::from(byte & 0x7f);
+        if shift == 28 && low > 0x0f {
+            return None;
+        }
+        value |= low << shift;
+        if byte & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+fn zigzag(value: i32) -> u32 {
+    ((value << 1) ^ (value >> 31)) as u32
+}
+
+fn unzigzag(value: u32) -> i32 {
+    ((value >> 1) as i32) ^ -((value & 1) as i32)
+}
+
+/// Writes one neighbour list; `neighbours` must be sorted ascending and distinct.
+fn put_list(out: &mut Vec<u8>, own: u32, neighbours: &[u32]) {
+    put_varint(out, neighbours.len() as u32);
+    let mut previous: Option<u32> = None;
+    for &neighbour in neighbours {
+        let code = match previous {
+            None => zigzag((neighbour as i32).wrapping_sub(own as i32)),
+            Some(previous) => neighbour.wrapping_sub(previous).wrapping_sub(1),
+        };
+        put_varint(out, code);
+        previous = Some(neighbour);
+    }
+}
+
+/// Decodes a list that [`Parsed`] has validated. Wrapping arithmetic and `Option` instead
+/// of indexing: on validated bytes they change nothing, and they keep the hot loop free of
+/// panics even if that invariant were ever broken.
+struct ListIter<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    remaining: u32,
+    previous: Option<u32>,
+    own: u32,
+}
+
+impl<'a> ListIter<'a> {
+    fn new(bytes: &'a [u8], own: u32) -> Self {
+        let mut pos = 0;
+        let remaining = read_varint(bytes, &mut pos).unwrap_or(0);
+        Self {
+            bytes,
+            pos,
+            remaining,
+            previous: None,
+            own,
+        }
+    }
+}
+
+impl Iterator for ListIter<'_> {
+    type Item = u32;
+
+    fn next(&mut self) -> Option<u32> {
+        if self.remaining == 0 {
+            return None;
+        }
+        self.remaining -= 1;
+        let code = read_varint(self.bytes, &mut self.pos)?;
+        let neighbour = match self.previous {
+            None => self.own.wrapping_add_signed(unzigzag(code)),
+            Some(previous) => previous.wrapping_add(code).wrapping_add(1),
+        };
+        self.previous = Some(neighbour);
+        Some(neighbour)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Validation.
+
+fn invalid(reason: impl Into<String>) -> Error {
+    Error::InvalidShard {
+        reason: reason.into(),
+    }
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
+    let end = at.checked_add(4)?;
+    Some(u32::from_le_bytes(bytes.get(at..end)?.try_into().ok()?))
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
+    let end = at.checked_add(8)?;
+    Some(u64::from_le_bytes(bytes.get(at..end)?.try_into().ok()?))
+}
+
+/// Everything `Shard` keeps, decoded and checked, borrowing nothing so the bytes can move in.
+struct Parsed {
+    dim: usize,
+    ids: Vec<u64>,
+    scales: Vec<f32>,
+    vectors: Range<usize>,
+    base: Range<usize>,
+    base_offsets: Vec<u32>,
+    upper: Vec<UpperLayer>,
+    entry_point: u32,
+    search_ef: usize,
+}
+
+/// Hands out consecutive sections and checks each lies within the body, after the previous.
+struct Sections {
+    body_len: usize,
+    next_start: usize,
+}
+
+impl Sections {
+    fn take(&mut self, name: &str, offset: u64, len: usize) -> Result<Range<usize>, Error> {
+        let offset = usize::try_from(offset)
+            .map_err(|_| invalid(format!("{name} offset {offset} is past the end")))?;
+        if offset < self.next_start {
+            return Err(invalid(format!(
+                "{name} offset {offset} overlaps what precedes it (ends at {})",
+                self.next_start
+            )));
+        }
+        let end = offset
+            .checked_add(len)
+            .filter(|&end| end <= self.body_len)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "{name} ({len} bytes at offset {offset}) runs past the end of the data ({} bytes): truncated?",
+                    self.body_len
+                ))
+            })?;
+        self.next_start = end;
+        Ok(offset..end)
+    }
+}
+
+impl Parsed {
+    fn new(bytes: &[u8]) -> Result<Self, Error> {
+        if bytes.len() < HEADER_LEN + TRAILER_LEN {
+            return Err(invalid(format!(
+                "{} bytes is too short for a shard (header and checksum alone take {})",
+                bytes.len(),
+                HEADER_LEN + TRAILER_LEN
+            )));
+        }
+        if bytes[..8] != SHARD_MAGIC {
+            return Err(invalid("wrong magic bytes: not an edgerec shard"));
+        }
+        let header = |at: usize| u32_at(bytes, at).unwrap_or_default();
+        let header64 = |at: usize| u64_at(bytes, at).unwrap_or_default();
+        let version = header(8);
+        if version != SHARD_FORMAT_VERSION {
+            return Err(Error::FormatVersion {
+                artifact: "shard",
+                found: version,
+                expected: SHARD_FORMAT_VERSION,
+            });
+        }
+        let body_len = bytes.len() - TRAILER_LEN;
+        let stored = u64_at(bytes, body_len).unwrap_or_default();
+        let computed = xxh3_64(&bytes[..body_len]);
+        if stored != computed {
+            return Err(invalid(format!(
+                "checksum mismatch (stored {stored:016x}, computed {computed:016x}): corrupted or truncated"
+            )));
+        }
+
+        let dim = header(12) as usize;
+        let count = header(16) as usize;
+        let layer_count = header(20) as usize;
+        let entry_point = header(24);
+        let search_ef = match header(28) {
+            0 => DEFAULT_EF,
+            ef => ef as usize,
+        };
+        if dim == 0 {
+            return Err(invalid("dimension is 0"));
+        }
+        if count == 0 || count > MAX_POINTS {
+            return Err(invalid(format!(
+                "point count {count} is not in 1..={MAX_POINTS}"
+            )));
+        }
+        if layer_count == 0 || layer_count > MAX_LAYERS {
+            return Err(invalid(format!(
+                "layer count {layer_count} is not in 1..={MAX_LAYERS}"
+            )));
+        }
+        if entry_point as usize >= count {
+            return Err(invalid(format!(
+                "entry point {entry_point} is not below the point count {count}"
+            )));
+        }
+
+        // Every length is checked against the file before anything is allocated from it.
+        let size = |name: &str, a: usize, b: usize| {
+            a.checked_mul(b)
+                .ok_or_else(|| invalid(format!("{name} size {a} x {b} overflows")))
+        };
+        let mut sections = Sections {
+            body_len,
+            next_start: HEADER_LEN,
+        };
+        let ids_range = sections.take("id section", header64(32), size("id section", count, 8)?)?;
+        let scales_range = sections.take(
+            "scale section",
+            header64(40),
+            size("scale section", count, 4)?,
+        )?;
+        let vectors = sections.take(
+            "vector section",
+            header64(48),
+            size("vector section", count, dim)?,
+        )?;
+        let table = sections.take(
+            "layer table",
+            header64(56),
+            size("layer table", layer_count, LAYER_ENTRY_LEN)?,
+        )?;
+
+        let ids: Vec<u64> = bytes[ids_range]
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect();
+        let mut sorted_ids = ids.clone();
+        sorted_ids.sort_unstable();
+        if let Some(pair) = sorted_ids.windows(2).find(|pair| pair[0] == pair[1]) {
+            return Err(invalid(format!("video id {} appears twice", pair[0])));
+        }
+        drop(sorted_ids);
+        let scales: Vec<f32> = bytes[scales_range]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect();
+        if let Some(position) = scales.iter().position(|s| !s.is_finite() || *s < 0.0) {
+            return Err(invalid(format!(
+                "point {position} has scale {}, which is not a finite number >= 0",
+                scales[position]
+            )));
+        }
+
+        let mut blobs = Vec::with_capacity(layer_count);
+        for layer in 0..layer_count {
+            let at = table.start + layer * LAYER_ENTRY_LEN;
+            let members = u32_at(bytes, at).unwrap_or_default() as usize;
+            let offset = u64_at(bytes, at + 4).unwrap_or_default();
+            let len = u64_at(bytes, at + 12).unwrap_or_default();
+            let len = usize::try_from(len)
+                .map_err(|_| invalid(format!("layer {layer} length {len} is too large")))?;
+            let range = sections.take(&format!("layer {layer}"), offset, len)?;
+            blobs.push((members, range));
+        }
+        if sections.next_start != body_len {
+            return Err(invalid(format!(
+                "{} unexplained bytes before the checksum",
+                body_len - sections.next_start
+            )));
+        }
+
+        let (base_members, base) = blobs[0].clone();
+        if base_members != count {
+            return Err(invalid(format!(
+                "layer 0 has {base_members} members, expected every one of the {count} points"
+            )));
+        }
+        let base_offsets = parse_base(&bytes[base.clone()], count)?;
+
+        let mut upper: Vec<UpperLayer> = Vec::with_capacity(layer_count - 1);
+        for (index, (members, range)) in blobs.iter().enumerate().skip(1) {
+            let below = upper.last().map(|layer| layer.members.as_slice());
+            let layer = parse_upper(&bytes[range.clone()], index, *members, count, below)?;
+            upper.push(layer);
+        }
+        let top = upper.last().map(|layer| layer.members.as_slice());
+        if top.is_some_and(|members| members.binary_search(&entry_point).is_err()) {
+            return Err(invalid(format!(
+                "entry point {entry_point} is not a member of the top layer {}",
+                layer_count - 1
+            )));
+        }
+
+        Ok(Self {
+            dim,
+            ids,
+            scales,
+            vectors,
+            base,
+            base_offsets,
+            upper,
+            entry_point,
+            search_ef,
+        })
+    }
+}
+
+/// Reads one list at `*pos` into `out`, checking every id, and leaves `*pos` after it.
+fn parse_list(
+    blob: &[u8],
+    pos: &mut usize,
+    own: u32,
+    count: usize,
+    out: &mut Vec<u32>,
+    context: &dyn Fn() -> String,
+) -> Result<(), Error> {
+    let truncated = || invalid(format!("{}: list is truncated or malformed", context()));
+    let degree = read_varint(blob, pos).ok_or_else(truncated)? as usize;
+    // Each neighbour takes at least one byte: a declared degree the bytes cannot hold is
+    // refused before it drives any loop.
+    if degree >= count || degree > blob.len() - *pos {
+        return Err(invalid(format!(
+            "{}: degree {degree} is impossible here",
+            context()
+        )));
+    }
+    let mut previous: Option<u32> = None;
+    for _ in 0..degree {
+        let code = read_varint(blob, pos).ok_or_else(truncated)?;
+        let neighbour = match previous {
+            None => i64::from(own) + i64::from(unzigzag(code)),
+            Some(previous) => i64::from(previous) + i64::from(code) + 1,
+        };
+        if neighbour < 0 || neighbour >= count as i64 {
+            return Err(invalid(format!(
+                "{}: neighbour {neighbour} is not below the point count {count}",
+                context()
+            )));
+        }
+        let neighbour = neighbour as u32;
+        if neighbour == own {
+            return Err(invalid(format!(
+                "{}: lists itself as a neighbour",
+                context()
+            )));
+        }
+        out.push(neighbour);
+        previous = Some(neighbour);
+    }
+    Ok(())
+}
+
+fn parse_base(blob: &[u8], count: usize) -> Result<Vec<u32>, Error> {
+    if u32::try_from(blob.len()).is_err() {
+        return Err(invalid(format!(
+            "layer 0 takes {} bytes, more than 4 GiB",
+            blob.len()
+        )));
+    }
+    let mut offsets = Vec::with_capacity(count + 1);
+    let mut scratch = Vec::new();
+    let mut pos = 0;
+    for point in 0..count as u32 {
+        offsets.push(pos as u32);
+        scratch.clear();
+        parse_list(blob, &mut pos, point, count, &mut scratch, &|| {
+            format!("layer 0, point {point}")
+        })?;
+    }
+    offsets.push(pos as u32);
+    if pos != blob.len() {
+        return Err(invalid(format!(
+            "layer 0 has {} bytes after its last list",
+            blob.len() - pos
+        )));
+    }
+    Ok(offsets)
+}
+
+fn parse_upper(
+    blob: &[u8],
+    index: usize,
+    member_count: usize,
+    count: usize,
+    below: Option<&[u32]>,
+) -> Result<UpperLayer, Error> {
+    // A member takes at least two bytes (its position and its degree).
+    if member_count == 0 || member_count > count || member_count > blob.len() / 2 {
+        return Err(invalid(format!(
+            "layer {index} declares {member_count} members, impossible for {count} points in {} bytes",
+            blob.len()
+        )));
+    }
+    if below.is_some_and(|below| member_count > below.len()) {
+        return Err(invalid(format!(
+            "layer {index} has more members than the layer below it"
+        )));
+    }
+    let mut members = Vec::with_capacity(member_count);
+    let mut offsets = Vec::with_capacity(member_count + 1);
+    let mut neighbours = Vec::new();
+    let mut pos = 0;
+    let mut previous: Option<u32> = None;
+    for _ in 0..member_count {
+        let gap = read_varint(blob, &mut pos).ok_or_else(|| {
+            invalid(format!(
+                "layer {index}: member list is truncated or malformed"
+            ))
+        })?;
+        let member = match previous {
+            None => i64::from(gap),
+            Some(previous) => i64::from(previous) + i64::from(gap) + 1,
+        };
+        if member >= count as i64 {
+            return Err(invalid(format!(
+                "layer {index}: member {member} is not below the point count {count}"
+            )));
+        }
+        let member = member as u32;
+        if below.is_some_and(|below| below.binary_search(&member).is_err()) {
+            return Err(invalid(format!(
+                "layer {index}: member {member} is missing from layer {}",
+                index - 1
+            )));
+        }
+        members.push(member);
+        offsets.push(
+            u32::try_from(neighbours.len())
+                .map_err(|_| invalid(format!("layer {index} has too many edges")))?,
+        );
+        parse_list(blob, &mut pos, member, count, &mut neighbours, &|| {
+            format!("layer {index}, point {member}")
+        })?;
+        previous = Some(member);
+    }
+    offsets.push(
+        u32::try_from(neighbours.len())
+            .map_err(|_| invalid(format!("layer {index} has too many edges")))?,
+    );
+    if pos != blob.len() {
+        return Err(invalid(format!(
+            "layer {index} has {} bytes after its last list",
+            blob.len() - pos
+        )));
+    }
+    if let Some(stray) = neighbours
+        .iter()
+        .find(|n| members.binary_search(n).is_err())
+    {
+        return Err(invalid(format!(
+            "layer {index}: neighbour {stray} is not a member of the layer"
+        )));
+    }
+    Ok(UpperLayer {
+        members,
+        offsets,
+        neighbours,
+    })
+}
+
+#[cfg(test)]
+mod tests;
