@@ -1,6 +1,9 @@
-//! The exported user tower: tract-onnx loads it and computes what candle computes.
+//! The exported user tower: tract-onnx (what serves it) and the official `onnx` checker and
+//! `onnxruntime` (outside referees, from `EDGEREC_REFEREE_PYTHON`, which `cargo xtask test`
+//! sets up) load it and compute what candle computes.
 
 use std::collections::HashMap;
+use std::sync::OnceLock;
 
 use control_plane::config::TwoTowerConfig;
 use control_plane::data::Dataset;
@@ -14,8 +17,21 @@ use edge::preprocess::{FitInput, PreprocessConfig, Preprocessor};
 use edge::tower::{Viewer, encode_user};
 use tract_onnx::prelude::*;
 
-#[test]
-fn tract_runs_the_exported_tower_like_candle() {
+/// A tower trained once for all tests: its ONNX bytes, inputs and candle's outputs.
+struct Fixture {
+    onnx: Vec<u8>,
+    inputs: Vec<edge::tower::UserTowerInput>,
+    expected: Vec<f32>,
+    history: usize,
+    output_dim: usize,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(build_fixture)
+}
+
+fn build_fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let generator = GeneratorConfig {
         users: 1_200,
@@ -96,9 +112,34 @@ fn tract_runs_the_exported_tower_like_candle() {
         |_| None,
     ));
     let expected = model.user_embeddings(&inputs).unwrap();
+    Fixture {
+        onnx: bytes,
+        inputs,
+        expected,
+        history: model.spec.history_length,
+        output_dim: model.spec.output_dim,
+    }
+}
 
+fn largest_difference(found: impl IntoIterator<Item = f32>, expected: &[f32]) -> f32 {
+    found
+        .into_iter()
+        .zip(expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max)
+}
+
+#[test]
+fn tract_runs_the_exported_tower_like_candle() {
+    let Fixture {
+        onnx: bytes,
+        inputs,
+        expected,
+        history: h,
+        output_dim,
+    } = fixture();
     let n = inputs.len();
-    let h = model.spec.history_length;
+    let h = *h;
     let flat = |f: &dyn Fn(&edge::tower::UserTowerInput) -> Vec<i64>| -> Vec<i64> {
         inputs.iter().flat_map(f).collect()
     };
@@ -146,14 +187,83 @@ fn tract_runs_the_exported_tower_like_candle() {
         .unwrap();
     let outputs = runnable.run(tensors).unwrap();
     let found = outputs[0].to_plain_array_view::<f32>().unwrap();
-    assert_eq!(found.shape(), &[n, model.spec.output_dim]);
-    let worst = found
-        .iter()
-        .zip(&expected)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    assert_eq!(found.shape(), &[n, *output_dim]);
+    let worst = largest_difference(found.iter().copied(), expected);
     assert!(
         worst < 1e-5,
         "largest difference between tract and candle: {worst}"
+    );
+}
+
+const REFEREE: &str = r#"
+import json, sys
+import numpy as np
+import onnx, onnxruntime
+
+model_path, inputs_path, outputs_path = sys.argv[1:4]
+onnx.checker.check_model(onnx.load(model_path), full_check=True)
+inputs = json.load(open(inputs_path))
+feeds = {name: np.array(value["data"], dtype=value["dtype"]).reshape(value["shape"])
+         for name, value in inputs.items()}
+session = onnxruntime.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+(embedding,) = session.run(["embedding"], feeds)
+json.dump({"shape": list(embedding.shape), "data": embedding.ravel().tolist()}, open(outputs_path, "w"))
+"#;
+
+#[test]
+fn onnx_checker_and_onnxruntime_agree_with_candle() {
+    let python = std::env::var_os("EDGEREC_REFEREE_PYTHON").expect(
+        "EDGEREC_REFEREE_PYTHON is not set: run `cargo xtask test`, which installs onnx and onnxruntime",
+    );
+    let fixture = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("user_tower.onnx");
+    std::fs::write(&model, &fixture.onnx).unwrap();
+    let n = fixture.inputs.len();
+    let h = fixture.history;
+    let ints = |f: &dyn Fn(&edge::tower::UserTowerInput) -> Vec<i64>| -> Vec<i64> {
+        fixture.inputs.iter().flat_map(f).collect()
+    };
+    let floats = |f: &dyn Fn(&edge::tower::UserTowerInput) -> Vec<f32>| -> Vec<f32> {
+        fixture.inputs.iter().flat_map(f).collect()
+    };
+    let feeds = serde_json::json!({
+        "history_videos": {"dtype": "int64", "shape": [n, h], "data": ints(&|i| i.history_videos.clone())},
+        "history_categories": {"dtype": "int64", "shape": [n, h], "data": ints(&|i| i.history_categories.clone())},
+        "history_weights": {"dtype": "float32", "shape": [n, h], "data": floats(&|i| i.history_weights.clone())},
+        "country": {"dtype": "int64", "shape": [n], "data": ints(&|i| vec![i.country])},
+        "language": {"dtype": "int64", "shape": [n], "data": ints(&|i| vec![i.language])},
+        "age_bucket": {"dtype": "int64", "shape": [n], "data": ints(&|i| vec![i.age_bucket])},
+        "user": {"dtype": "int64", "shape": [n], "data": ints(&|i| vec![i.user])},
+        "dense": {"dtype": "float32", "shape": [n, 1], "data": floats(&|i| i.dense.to_vec())},
+    });
+    let inputs = dir.path().join("inputs.json");
+    std::fs::write(&inputs, feeds.to_string()).unwrap();
+    let outputs = dir.path().join("outputs.json");
+    let run = std::process::Command::new(python)
+        .arg("-c")
+        .arg(REFEREE)
+        .arg(&model)
+        .arg(&inputs)
+        .arg(&outputs)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "the referee refused the model:\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let result: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&outputs).unwrap()).unwrap();
+    assert_eq!(result["shape"], serde_json::json!([n, fixture.output_dim]));
+    let found = result["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32);
+    let worst = largest_difference(found, &fixture.expected);
+    assert!(
+        worst < 1e-5,
+        "largest difference between onnxruntime and candle: {worst}"
     );
 }

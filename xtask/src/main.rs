@@ -153,6 +153,47 @@ fn movielens() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// Python packages the tests use as outside referees (never the product): the official
+/// ONNX checker and onnxruntime. Installed once into a virtualenv in the cache folder.
+const REFEREE_PACKAGES: [&str; 3] = ["onnx==1.23.2", "onnxruntime==1.31.1", "numpy"];
+
+/// The referee virtualenv's python, created and filled when missing.
+fn referee_python() -> Result<PathBuf> {
+    let venv = cache_dir()?.join("referee-venv");
+    let python = venv.join("bin").join("python");
+    let ready = |python: &Path| {
+        Command::new(python)
+            .args(["-c", "import onnx, onnxruntime, numpy"])
+            .output()
+            .is_ok_and(|out| out.status.success())
+    };
+    if ready(&python) {
+        return Ok(python);
+    }
+    eprintln!(
+        "xtask: installing the Python referees ({}) into {}",
+        REFEREE_PACKAGES.join(", "),
+        venv.display()
+    );
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+        .context("creating the referee virtualenv")?;
+    run(Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(REFEREE_PACKAGES))
+    .context("pip install of the referee packages")?;
+    ensure!(
+        ready(&python),
+        "the referee packages do not import after installation"
+    );
+    Ok(python)
+}
+
 fn run(command: &mut Command) -> Result<()> {
     let status = command
         .status()
@@ -177,6 +218,7 @@ fn target_dir() -> PathBuf {
 
 fn test(args: &[OsString]) -> Result<()> {
     let ml100k = movielens()?;
+    let referee = referee_python()?;
     // End-to-end tests start the real binaries, so build them first. All targets at once
     // unify features as `cargo test` will, so the test run reuses this build.
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
@@ -184,6 +226,7 @@ fn test(args: &[OsString]) -> Result<()> {
         .args(["test", "--workspace"])
         .args(args)
         .env("EDGEREC_ML100K", &ml100k)
+        .env("EDGEREC_REFEREE_PYTHON", &referee)
         // candle's CPU barrier pool busy-waits; on a shared 2-core machine one thread is
         // faster (see shared/NOTES.md).
         .env("CANDLE_NUM_THREADS", "1")
