@@ -413,6 +413,21 @@ fn run(cli: Cli) -> Result<()> {
             std::fs::write(out.join("preprocessor.msgpack"), preprocessor.to_bytes())?;
             let onnx = control_plane::onnx_export::export_user_tower(&trained.model)?;
             std::fs::write(out.join("user_tower.onnx"), &onnx)?;
+            let (ids, vectors) = trained.video_embeddings();
+            let (shard, built) = control_plane::shard_build::build_shard(
+                ids,
+                vectors,
+                trained.model.spec.output_dim,
+                &control_plane::shard_build::ShardConfig::default(),
+            )?;
+            std::fs::write(out.join("shard.bin"), &shard)?;
+            println!(
+                "shard of {} videos: {} bytes ({:.1} bytes/video), built in {:.2} s",
+                built.points,
+                built.bytes,
+                built.bytes as f64 / built.points as f64,
+                (built.graph_time + built.write_time).as_secs_f64()
+            );
             std::fs::write(
                 out.join("report.json"),
                 serde_json::to_string_pretty(&serde_json::json!({

@@ -553,7 +553,13 @@ impl TrainedRetriever<'_> {
         Ok(())
     }
 
-    fn user_embedding(&self, user: &EvalUser) -> Result<Vec<f32>, TrainError> {
+    /// The catalogue's ids and their video-tower embeddings (row-major, L2-normalised).
+    pub fn video_embeddings(&self) -> (&[u64], &[f32]) {
+        (&self.inputs.ids, &self.embeddings)
+    }
+
+    /// The user-tower embedding of an evaluated user (their history and demographics).
+    pub fn user_embedding(&self, user: &EvalUser) -> Result<Vec<f32>, TrainError> {
         let viewer = self.viewers.get(&user.user_id).cloned().unwrap_or_default();
         let input = user_input(
             self.data.preprocessor,

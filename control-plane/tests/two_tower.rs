@@ -1,14 +1,17 @@
 //! The two-tower model on MovieLens-100k (from `EDGEREC_ML100K`, set by `cargo xtask test`):
 //! it must beat the baselines by the margins on the held-out test positives.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 
 use control_plane::config::TwoTowerConfig;
 use control_plane::eval::{EvalSet, ItemKnn, MostPopular, Part, evaluate, training_histories};
 use control_plane::movielens;
+use control_plane::shard_build::{ShardConfig, build_shard};
 use control_plane::split::{SplitConfig, split};
 use control_plane::two_tower::{TrainingData, train};
 use edge::preprocess::{FitInput, PreprocessConfig, Preprocessor};
+use edge::shard::Shard;
 use edge::{EngagementRules, InteractionType};
 
 #[test]
@@ -63,6 +66,34 @@ fn two_tower_beats_the_baselines_on_movielens() {
         two_tower >= 1.5 * popular && two_tower >= knn,
         "recall@50: two-tower {two_tower:.4}, most-popular {popular:.4}, item-knn {knn:.4}"
     );
+
+    // The shard of the real video embeddings finds what exact search finds, for the
+    // real user embeddings as queries.
+    let (ids, vectors) = trained.video_embeddings();
+    let dim = trained.model.spec.output_dim;
+    let (bytes, _) = build_shard(ids, vectors, dim, &ShardConfig::default()).unwrap();
+    let shard = Shard::open(bytes).unwrap();
+    let (mut found, mut wanted) = (0usize, 0usize);
+    for user in &set.users {
+        let query = trained.user_embedding(user).unwrap();
+        let mut exact: Vec<(f32, u64)> = vectors
+            .chunks_exact(dim)
+            .zip(ids)
+            .map(|(v, &id)| (v.iter().zip(&query).map(|(a, b)| a * b).sum(), id))
+            .collect();
+        exact.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let truth: HashSet<u64> = exact.iter().take(100).map(|e| e.1).collect();
+        let hits = shard.nns(100).search(&query).unwrap();
+        found += hits.iter().filter(|(id, _)| truth.contains(id)).count();
+        wanted += truth.len();
+    }
+    let recall = found as f64 / wanted as f64;
+    assert!(
+        recall >= 0.95,
+        "shard recall@100 on the trained embeddings: {recall:.4}"
+    );
+    let err = shard.nns(10).search(&vec![0.1; dim + 1]).unwrap_err();
+    assert!(err.to_string().contains(&dim.to_string()), "{err}");
 }
 
 #[test]
