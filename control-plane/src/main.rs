@@ -97,7 +97,7 @@ enum BenchCommand {
 #[derive(Subcommand)]
 enum EvalCommand {
     /// Full-catalogue retrieval metrics (Recall, NDCG, HitRate at 10/20/50/100) of the
-    /// baselines, most-popular and ItemKNN.
+    /// baselines, most-popular and ItemKNN, and of a trained two-tower model (`--model`).
     Retrieval(EvalRetrievalArgs),
 }
 
@@ -115,6 +115,9 @@ struct EvalRetrievalArgs {
     /// Held-out part: test (history = train + validation) or validation (history = train).
     #[arg(long, default_value = "test", value_parser = parse_part)]
     part: Part,
+    /// A two-tower model folder written by `train two-tower`, evaluated beside the baselines.
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Neighbours kept per video by ItemKNN.
     #[arg(long, default_value_t = 100)]
     neighbors: usize,
@@ -454,9 +457,31 @@ fn run(cli: Cli) -> Result<()> {
             let histories = training_histories(&parts, &dataset.videos, rules, args.part);
             let popular = MostPopular::fit(&histories, &set.catalogue);
             let knn = ItemKnn::fit(&histories, &set.catalogue, args.neighbors);
-            let comparison = Comparison {
-                reports: vec![evaluate(&popular, &set), evaluate(&knn, &set)],
-            };
+            let mut reports = vec![evaluate(&popular, &set), evaluate(&knn, &set)];
+            if let Some(dir) = &args.model {
+                let read = |name: &str| {
+                    let path = dir.join(name);
+                    std::fs::read(&path).with_context(|| path.display().to_string())
+                };
+                let preprocessor = Preprocessor::from_bytes(&read("preprocessor.msgpack")?)?;
+                let report: serde_json::Value = serde_json::from_slice(&read("report.json")?)?;
+                let spec = serde_json::from_value(report["spec"].clone())
+                    .context("report.json has no valid \"spec\"")?;
+                let weights = dir.join("model.safetensors");
+                let tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu)
+                    .with_context(|| weights.display().to_string())?;
+                let data = control_plane::two_tower::TrainingData {
+                    preprocessor: &preprocessor,
+                    videos: &dataset.videos,
+                    users: &dataset.users,
+                    split: &parts,
+                    rules,
+                };
+                let trained =
+                    control_plane::two_tower::TrainedRetriever::load(tensors, spec, &data)?;
+                reports.push(evaluate(&trained, &set));
+            }
+            let comparison = Comparison { reports };
             println!("{comparison}");
             if let Some(out) = args.out {
                 let json = serde_json::to_string_pretty(&comparison)?;

@@ -15,7 +15,7 @@
 //! masked out, examples weighted by the seed's engagement rules. Early stopping keeps the
 //! epoch with the best validation Recall@50.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
 use candle_core::{D, DType, Device, Tensor, Var};
@@ -435,6 +435,64 @@ impl TwoTower {
         l2_normalize(&self.video_mlp.forward(&x)?)
     }
 
+    /// Rebuilds the towers from saved weights (see [`TwoTower::tensors`]).
+    pub fn from_tensors(
+        tensors: HashMap<String, Tensor>,
+        spec: UserTowerSpec,
+    ) -> Result<Self, TrainError> {
+        let mut vars = Vec::new();
+        let mut take = |name: &str| -> Result<Tensor, TrainError> {
+            let tensor = tensors.get(name).ok_or_else(|| {
+                TrainError::NoData(format!("the saved model has no weight {name:?}"))
+            })?;
+            let var = Var::from_tensor(tensor)?;
+            let tensor = var.as_tensor().clone();
+            vars.push((name.to_owned(), var));
+            Ok(tensor)
+        };
+        let mut embedding = |name: &str| -> Result<Embedding, TrainError> {
+            let table = take(name)?;
+            let dim = table.dim(1)?;
+            Ok(Embedding::new(table, dim))
+        };
+        let video = embedding("video")?;
+        let category = embedding("category")?;
+        let title = embedding("title")?;
+        let tag = embedding("tag")?;
+        let country = embedding("country")?;
+        let language = embedding("language")?;
+        let age_bucket = embedding("age_bucket")?;
+        let duration_bucket = embedding("duration_bucket")?;
+        let user = embedding("user")?;
+        let mut mlp = |name: &str| -> Result<Mlp, TrainError> {
+            let mut layers = Vec::new();
+            while tensors.contains_key(&format!("{name}.{}.weight", layers.len())) {
+                let i = layers.len();
+                let weight = take(&format!("{name}.{i}.weight"))?;
+                let bias = take(&format!("{name}.{i}.bias"))?.squeeze(0)?;
+                layers.push(Linear::new(weight, Some(bias)));
+            }
+            Ok(Mlp(layers))
+        };
+        let user_mlp = mlp("user_mlp")?;
+        let video_mlp = mlp("video_mlp")?;
+        Ok(Self {
+            vars,
+            video,
+            category,
+            title,
+            tag,
+            country,
+            language,
+            age_bucket,
+            duration_bucket,
+            user,
+            user_mlp,
+            video_mlp,
+            spec,
+        })
+    }
+
     /// User embeddings (row-major `[inputs.len(), output_dim]`) computed by candle.
     pub fn user_embeddings(&self, inputs: &[UserTowerInput]) -> Result<Vec<f32>, TrainError> {
         let batch = UserBatch::new(inputs, &Device::Cpu)?;
@@ -535,6 +593,82 @@ pub struct TrainedRetriever<'a> {
     device: Device,
 }
 
+/// Positive training interactions per video.
+fn positive_counts(histories: &BTreeMap<u64, Vec<u64>>) -> HashMap<u64, u64> {
+    let mut counts: HashMap<u64, u64> = HashMap::new();
+    for videos in histories.values() {
+        for video in videos {
+            *counts.entry(*video).or_default() += 1;
+        }
+    }
+    counts
+}
+
+impl<'a> TrainedRetriever<'a> {
+    /// `model` over the catalogue of `data`, with video embeddings not yet computed.
+    fn assemble(
+        model: TwoTower,
+        data: &'a TrainingData<'a>,
+        histories: &BTreeMap<u64, Vec<u64>>,
+    ) -> Result<Self, TrainError> {
+        let device = Device::Cpu;
+        let inputs = VideoInputs::new(
+            data.videos,
+            data.preprocessor,
+            &positive_counts(histories),
+            &device,
+        )?;
+        let viewers = data
+            .users
+            .iter()
+            .map(|u| {
+                (
+                    u.user_id,
+                    Viewer {
+                        user_id: Some(u.user_id),
+                        country: Some(u.country.clone()),
+                        language: Some(u.language.clone()),
+                        age: Some(u.age),
+                    },
+                )
+            })
+            .collect();
+        let categories = data
+            .videos
+            .iter()
+            .map(|v| (v.video_id, v.category.clone()))
+            .collect();
+        Ok(Self {
+            model,
+            inputs,
+            data,
+            viewers,
+            categories,
+            embeddings: Vec::new(),
+            device,
+        })
+    }
+
+    /// A model saved by `train two-tower` (its `model.safetensors`), over the catalogue of
+    /// `data`, whose preprocessor must be the one saved with the model.
+    pub fn load(
+        tensors: HashMap<String, Tensor>,
+        spec: UserTowerSpec,
+        data: &'a TrainingData<'a>,
+    ) -> Result<Self, TrainError> {
+        let model = TwoTower::from_tensors(tensors, spec)?;
+        let durations: HashMap<u64, u32> = data
+            .videos
+            .iter()
+            .map(|v| (v.video_id, v.duration_seconds))
+            .collect();
+        let histories = eval::positives_by_user(&data.split.train, &durations, data.rules);
+        let mut retriever = Self::assemble(model, data, &histories)?;
+        retriever.refresh_embeddings()?;
+        Ok(retriever)
+    }
+}
+
 impl TrainedRetriever<'_> {
     fn refresh_embeddings(&mut self) -> Result<(), TrainError> {
         let n = self.inputs.ids.len();
@@ -626,38 +760,11 @@ pub fn train<'a>(
         let entry = pair_weight.entry((i.user_id, i.video_id)).or_default();
         *entry = entry.max(weight);
     }
-    let mut positives_per_video: HashMap<u64, u64> = HashMap::new();
-    for videos in histories.values() {
-        for video in videos {
-            *positives_per_video.entry(*video).or_default() += 1;
-        }
-    }
-    let inputs = VideoInputs::new(
-        data.videos,
-        data.preprocessor,
-        &positives_per_video,
-        &device,
-    )?;
-    let viewers: HashMap<u64, Viewer> = data
-        .users
-        .iter()
-        .map(|u| {
-            (
-                u.user_id,
-                Viewer {
-                    user_id: Some(u.user_id),
-                    country: Some(u.country.clone()),
-                    language: Some(u.language.clone()),
-                    age: Some(u.age),
-                },
-            )
-        })
-        .collect();
-    let categories: HashMap<u64, String> = data
-        .videos
-        .iter()
-        .map(|v| (v.video_id, v.category.clone()))
-        .collect();
+    let positives_per_video = positive_counts(&histories);
+    let model = TwoTower::new(data.preprocessor, config, &device)?;
+    let mut retriever = TrainedRetriever::assemble(model, data, &histories)?;
+    let inputs = &retriever.inputs;
+    let viewers = &retriever.viewers;
 
     let mut users = Vec::new();
     let mut examples = Vec::new();
@@ -696,24 +803,19 @@ pub fn train<'a>(
         .collect();
     let log_q = Tensor::from_vec(log_q, inputs.ids.len(), &device)?;
 
-    let model = TwoTower::new(data.preprocessor, config, &device)?;
     let mut optimizer = AdamW::new(
-        model.vars.iter().map(|(_, v)| v.clone()).collect(),
+        retriever
+            .model
+            .vars
+            .iter()
+            .map(|(_, v)| v.clone())
+            .collect(),
         ParamsAdamW {
             lr: config.learning_rate,
             ..ParamsAdamW::default()
         },
     )?;
     let validation = EvalSet::new(data.split, data.videos, data.rules, Part::Validation);
-    let mut retriever = TrainedRetriever {
-        model,
-        inputs,
-        data,
-        viewers,
-        categories,
-        embeddings: Vec::new(),
-        device: device.clone(),
-    };
 
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x5eed);
     let mut order: Vec<usize> = (0..examples.len()).collect();

@@ -54,6 +54,50 @@ fn synthetic_data_from_generation_to_fitted_preprocessing() {
     let preprocessor = std::fs::read(data.join("split/preprocessor.msgpack")).unwrap();
     let fitted = edge::preprocess::Preprocessor::from_bytes(&preprocessor).unwrap();
     assert_eq!(fitted.countries.known_len(), 12);
+
+    // Train briefly, then evaluate the saved model: the table must show the same numbers.
+    let config = dir.path().join("edgerec.toml");
+    std::fs::write(&config, "[two_tower]\nepochs = 1\nhidden_layers = [32]\n").unwrap();
+    let model = dir.path().join("model");
+    let out = stdout_of(&control_plane([
+        "train",
+        "two-tower",
+        "--data",
+        arg(&data),
+        "--config",
+        arg(&config),
+        "--out",
+        arg(&model),
+    ]));
+    let trained_row = out
+        .lines()
+        .find(|l| l.starts_with("two-tower"))
+        .unwrap()
+        .to_owned();
+    for file in [
+        "model.safetensors",
+        "preprocessor.msgpack",
+        "report.json",
+        "user_tower.onnx",
+        "shard.bin",
+    ] {
+        assert!(
+            model.join(file).is_file(),
+            "{file} missing after training:\n{out}"
+        );
+    }
+    let out = stdout_of(&control_plane([
+        "eval",
+        "retrieval",
+        "--data",
+        arg(&data),
+        "--model",
+        arg(&model),
+    ]));
+    assert!(
+        out.lines().any(|l| l == trained_row),
+        "{out}\nexpected the row {trained_row}"
+    );
 }
 
 #[test]
