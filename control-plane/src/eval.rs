@@ -55,6 +55,14 @@ pub struct EvalSet {
     pub catalogue: Vec<u64>,
 }
 
+/// Each video's duration, which the engagement rules need to judge a watch.
+pub fn durations(videos: &[Video]) -> HashMap<u64, u32> {
+    videos
+        .iter()
+        .map(|v| (v.video_id, v.duration_seconds))
+        .collect()
+}
+
 /// Positive videos of `interactions` per user, first engagement first.
 pub fn positives_by_user<'a>(
     interactions: impl IntoIterator<Item = &'a Interaction>,
@@ -91,10 +99,7 @@ pub fn positives_by_user<'a>(
 impl EvalSet {
     /// The users of `part`, against the catalogue `videos`.
     pub fn new(split: &Split, videos: &[Video], rules: &EngagementRules, part: Part) -> Self {
-        let durations: HashMap<u64, u32> = videos
-            .iter()
-            .map(|v| (v.video_id, v.duration_seconds))
-            .collect();
+        let durations = durations(videos);
         let (history, held_out): (Vec<&Interaction>, &[Interaction]) = match part {
             Part::Validation => (split.train.iter().collect(), &split.validation),
             Part::Test => (
@@ -388,10 +393,7 @@ pub fn training_histories(
     rules: &EngagementRules,
     part: Part,
 ) -> BTreeMap<u64, Vec<u64>> {
-    let durations: HashMap<u64, u32> = videos
-        .iter()
-        .map(|v| (v.video_id, v.duration_seconds))
-        .collect();
+    let durations = durations(videos);
     match part {
         Part::Validation => positives_by_user(&split.train, &durations, rules),
         Part::Test => positives_by_user(

@@ -229,6 +229,28 @@ fn parse_part(text: &str) -> Result<Part, String> {
     }
 }
 
+/// The data set and its split (`DATA/split` unless given), loaded and validated.
+fn load_split(data: &Path, split: Option<PathBuf>) -> Result<(Dataset, PathBuf, Split)> {
+    let dataset = Dataset::load(data)?;
+    let split_dir = split.unwrap_or_else(|| data.join("split"));
+    let parts = Split::load(&split_dir)?;
+    Ok((dataset, split_dir, parts))
+}
+
+/// The preprocessing fitted on the training part.
+fn fit_preprocessor(dataset: &Dataset, parts: &Split, config: &Config) -> Result<Preprocessor> {
+    Ok(Preprocessor::fit(
+        FitInput {
+            users: &dataset.users,
+            videos: &dataset.videos,
+            channels: &dataset.channels,
+            train: &parts.train,
+        },
+        &config.preprocess,
+        &config.engagement,
+    )?)
+}
+
 fn load_config(path: Option<&Path>) -> Result<Config> {
     match path {
         Some(path) => Ok(Config::load(path)?),
@@ -324,19 +346,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Preprocess(args) => {
             let config = load_config(args.config.as_deref())?;
-            let dataset = Dataset::load(&args.data)?;
-            let split_dir = args.split.unwrap_or_else(|| args.data.join("split"));
-            let parts = Split::load(&split_dir)?;
-            let fitted = Preprocessor::fit(
-                FitInput {
-                    users: &dataset.users,
-                    videos: &dataset.videos,
-                    channels: &dataset.channels,
-                    train: &parts.train,
-                },
-                &config.preprocess,
-                &config.engagement,
-            )?;
+            let (dataset, split_dir, parts) = load_split(&args.data, args.split)?;
+            let fitted = fit_preprocessor(&dataset, &parts, &config)?;
             let out = args
                 .out
                 .unwrap_or_else(|| split_dir.join("preprocessor.msgpack"));
@@ -361,19 +372,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Train(TrainCommand::TwoTower(args)) => {
             let config = load_config(args.config.as_deref())?;
-            let dataset = Dataset::load(&args.data)?;
-            let split_dir = args.split.unwrap_or_else(|| args.data.join("split"));
-            let parts = Split::load(&split_dir)?;
-            let preprocessor = Preprocessor::fit(
-                FitInput {
-                    users: &dataset.users,
-                    videos: &dataset.videos,
-                    channels: &dataset.channels,
-                    train: &parts.train,
-                },
-                &config.preprocess,
-                &config.engagement,
-            )?;
+            let (dataset, split_dir, parts) = load_split(&args.data, args.split)?;
+            let preprocessor = fit_preprocessor(&dataset, &parts, &config)?;
             let data = control_plane::two_tower::TrainingData {
                 preprocessor: &preprocessor,
                 videos: &dataset.videos,
@@ -443,9 +443,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval(EvalCommand::Retrieval(args)) => {
             let config = load_config(args.config.as_deref())?;
-            let dataset = Dataset::load(&args.data)?;
-            let split_dir = args.split.unwrap_or_else(|| args.data.join("split"));
-            let parts = Split::load(&split_dir)?;
+            let (dataset, split_dir, parts) = load_split(&args.data, args.split)?;
             let rules = &config.engagement;
             let set = EvalSet::new(&parts, &dataset.videos, rules, args.part);
             anyhow::ensure!(

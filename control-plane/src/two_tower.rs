@@ -657,12 +657,9 @@ impl<'a> TrainedRetriever<'a> {
         data: &'a TrainingData<'a>,
     ) -> Result<Self, TrainError> {
         let model = TwoTower::from_tensors(tensors, spec)?;
-        let durations: HashMap<u64, u32> = data
-            .videos
-            .iter()
-            .map(|v| (v.video_id, v.duration_seconds))
-            .collect();
-        let histories = eval::positives_by_user(&data.split.train, &durations, data.rules);
+        // Training sees the train split only: the histories of the validation part.
+        let histories =
+            eval::training_histories(data.split, data.videos, data.rules, Part::Validation);
         let mut retriever = Self::assemble(model, data, &histories)?;
         retriever.refresh_embeddings()?;
         Ok(retriever)
@@ -747,12 +744,9 @@ pub fn train<'a>(
     mut progress: impl FnMut(&str),
 ) -> Result<(TrainedRetriever<'a>, TrainReport), TrainError> {
     let device = Device::Cpu;
-    let durations: HashMap<u64, u32> = data
-        .videos
-        .iter()
-        .map(|v| (v.video_id, v.duration_seconds))
-        .collect();
-    let histories = eval::positives_by_user(&data.split.train, &durations, data.rules);
+    // Training sees the train split only: the histories of the validation part.
+    let histories = eval::training_histories(data.split, data.videos, data.rules, Part::Validation);
+    let durations = eval::durations(data.videos);
     let mut pair_weight: HashMap<(u64, u64), f32> = HashMap::new();
     for i in &data.split.train {
         let duration = durations.get(&i.video_id).copied().unwrap_or(0);
