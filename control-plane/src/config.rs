@@ -50,6 +50,16 @@ pub struct TwoTowerConfig {
     pub learning_rate: f64,
     /// Seed of initialisation and shuffling.
     pub seed: u64,
+    /// Uniformly drawn catalogue videos added to each batch's in-batch negatives (mixed
+    /// negative sampling: they reach the long tail that in-batch negatives rarely hold).
+    pub extra_negatives: usize,
+    /// Folder of a BERT sentence encoder for titles (all-MiniLM-L6-v2's `config.json`,
+    /// `tokenizer.json`, `model.safetensors`; `cargo xtask fixtures` fetches it). Unset:
+    /// titles are a bag of hashed words. `--title-model` overrides it.
+    pub title_model: Option<std::path::PathBuf>,
+    /// Above this many distinct titles the sentence encoder is skipped for hashed words
+    /// (it encodes a few hundred titles a second on 2 cores).
+    pub max_title_sentences: usize,
 }
 
 impl Default for TwoTowerConfig {
@@ -64,6 +74,9 @@ impl Default for TwoTowerConfig {
             epochs: 10,
             learning_rate: 0.001,
             seed: 42,
+            extra_negatives: 0,
+            title_model: None,
+            max_title_sentences: 200_000,
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod progress;
 pub mod shard_build;
 pub mod split;
 pub mod synthetic;
+pub mod title_encoder;
 pub mod two_tower;
 
 pub use error::DataError;

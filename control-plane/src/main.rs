@@ -72,12 +72,15 @@ struct TrainTwoTowerArgs {
     /// Output folder for the weights and the report [default: SPLIT/two-tower].
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Folder of the title sentence encoder (overrides `two_tower.title_model`).
+    #[arg(long)]
+    title_model: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// Build an HNSW shard of clustered unit vectors, then time searches at ef 64, 128
-    /// and 256 against exact search, with recall@100.
+    /// Build an HNSW shard of clustered unit vectors, then time searches at ef 64, 128,
+    /// 256, 512 and the shard's calibrated default against exact search, with recall@100.
     Shard {
         /// Videos in the shard.
         #[arg(long, default_value_t = 100_000)]
@@ -91,6 +94,11 @@ enum BenchCommand {
         /// Seed of the vectors and queries.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Keep the shard in this file: read it back if it is there (same videos, dim
+        /// and seed), else build it and save it. Lets search changes be measured without
+        /// rebuilding (a 1M-video build takes about 20 minutes on 2 cores).
+        #[arg(long)]
+        shard_file: Option<PathBuf>,
     },
 }
 
@@ -118,6 +126,10 @@ struct EvalRetrievalArgs {
     /// A two-tower model folder written by `train two-tower`, evaluated beside the baselines.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// The title model that `--model` was trained with [default: the one its report.json
+    /// names].
+    #[arg(long)]
+    title_model: Option<PathBuf>,
     /// Neighbours kept per video by ItemKNN.
     #[arg(long, default_value_t = 100)]
     neighbors: usize,
@@ -251,6 +263,46 @@ fn fit_preprocessor(dataset: &Dataset, parts: &Split, config: &Config) -> Result
     )?)
 }
 
+/// The catalogue's title sentence vectors (row-major, in `videos` order) from the model in
+/// `folder`, or `None` (hashed title words) when no model is set or there are more than
+/// `max_distinct` distinct titles. Says which on stderr.
+fn encode_titles(
+    folder: Option<&Path>,
+    videos: &[edge::Video],
+    max_distinct: usize,
+) -> Result<Option<Vec<f32>>> {
+    let Some(folder) = folder else {
+        eprintln!(
+            "titles: hashed words (no title model: set two_tower.title_model or --title-model)"
+        );
+        return Ok(None);
+    };
+    let titles: Vec<&str> = videos.iter().map(|v| v.title.as_str()).collect();
+    let distinct = control_plane::title_encoder::TitleEncoder::distinct(&titles);
+    if distinct > max_distinct {
+        eprintln!(
+            "titles: hashed words ({distinct} distinct titles exceed two_tower.max_title_sentences = {max_distinct})"
+        );
+        return Ok(None);
+    }
+    let encoder = control_plane::title_encoder::TitleEncoder::load(folder)?;
+    let bar = if std::io::stderr().is_terminal() {
+        control_plane::progress::bar(distinct as u64, "titles", "titles")
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let started = Instant::now();
+    let vectors = encoder.encode(&titles, |done| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "titles: {distinct} distinct titles encoded by {} in {seconds:.1} s ({:.0} titles/s)",
+        folder.display(),
+        distinct as f64 / seconds.max(1e-9)
+    );
+    Ok(Some(vectors))
+}
+
 fn load_config(path: Option<&Path>) -> Result<Config> {
     match path {
         Some(path) => Ok(Config::load(path)?),
@@ -374,12 +426,19 @@ fn run(cli: Cli) -> Result<()> {
             let config = load_config(args.config.as_deref())?;
             let (dataset, split_dir, parts) = load_split(&args.data, args.split)?;
             let preprocessor = fit_preprocessor(&dataset, &parts, &config)?;
+            let title_model = args.title_model.or(config.two_tower.title_model.clone());
+            let title_vectors = encode_titles(
+                title_model.as_deref(),
+                &dataset.videos,
+                config.two_tower.max_title_sentences,
+            )?;
             let data = control_plane::two_tower::TrainingData {
                 preprocessor: &preprocessor,
                 videos: &dataset.videos,
                 users: &dataset.users,
                 split: &parts,
                 rules: &config.engagement,
+                title_vectors: title_vectors.as_deref(),
             };
             let (trained, report) = control_plane::two_tower::train(
                 &data,
@@ -417,25 +476,44 @@ fn run(cli: Cli) -> Result<()> {
             let onnx = control_plane::onnx_export::export_user_tower(&trained.model)?;
             std::fs::write(out.join("user_tower.onnx"), &onnx)?;
             let (ids, vectors) = trained.video_embeddings();
+            // The shard serves user embeddings: calibrate its default beam width on those
+            // of validation users rather than on the videos' own vectors.
+            let validation = EvalSet::new(
+                &parts,
+                &dataset.videos,
+                &config.engagement,
+                Part::Validation,
+            );
+            let mut calibration_queries = Vec::new();
+            for user in validation
+                .users
+                .iter()
+                .take(control_plane::shard_build::CALIBRATION_QUERIES)
+            {
+                calibration_queries.extend(trained.user_embedding(user)?);
+            }
             let (shard, built) = control_plane::shard_build::build_shard(
                 ids,
                 vectors,
                 trained.model.spec.output_dim,
                 &control_plane::shard_build::ShardConfig::default(),
+                &calibration_queries,
             )?;
             std::fs::write(out.join("shard.bin"), &shard)?;
             println!(
-                "shard of {} videos: {} bytes ({:.1} bytes/video), built in {:.2} s",
+                "shard of {} videos: {} bytes ({:.1} bytes/video), built in {:.2} s; {}",
                 built.points,
                 built.bytes,
                 built.bytes as f64 / built.points as f64,
-                (built.graph_time + built.write_time).as_secs_f64()
+                built.total_time().as_secs_f64(),
+                built.calibration
             );
             std::fs::write(
                 out.join("report.json"),
                 serde_json::to_string_pretty(&serde_json::json!({
                     "train": report,
                     "spec": trained.model.spec,
+                    "title_model": title_vectors.as_ref().and(title_model.as_ref()),
                     "test": comparison,
                 }))?,
             )?;
@@ -468,12 +546,22 @@ fn run(cli: Cli) -> Result<()> {
                 let weights = dir.join("model.safetensors");
                 let tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu)
                     .with_context(|| weights.display().to_string())?;
+                let title_model = args
+                    .title_model
+                    .clone()
+                    .or_else(|| report["title_model"].as_str().map(PathBuf::from));
+                let title_vectors = match title_model {
+                    // Whatever the size: the saved model needs the vectors it was trained on.
+                    Some(folder) => encode_titles(Some(&folder), &dataset.videos, usize::MAX)?,
+                    None => None,
+                };
                 let data = control_plane::two_tower::TrainingData {
                     preprocessor: &preprocessor,
                     videos: &dataset.videos,
                     users: &dataset.users,
                     split: &parts,
                     rules,
+                    title_vectors: title_vectors.as_deref(),
                 };
                 let trained =
                     control_plane::two_tower::TrainedRetriever::load(tensors, spec, &data)?;
@@ -491,6 +579,7 @@ fn run(cli: Cli) -> Result<()> {
             dim,
             queries,
             seed,
+            shard_file,
         }) => {
             anyhow::ensure!(
                 videos > 0 && dim > 0 && queries > 0,
@@ -498,7 +587,13 @@ fn run(cli: Cli) -> Result<()> {
             );
             println!(
                 "{}",
-                control_plane::shard_build::bench_shard(videos, dim, queries, seed)
+                control_plane::shard_build::bench_shard(
+                    videos,
+                    dim,
+                    queries,
+                    seed,
+                    shard_file.as_deref()
+                )?
             );
         }
         Command::Config(ConfigCommand::Show { file }) => {

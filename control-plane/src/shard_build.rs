@@ -8,6 +8,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use edge::shard::{LayerLists, MAX_POINTS, SearchScratch, Shard, ShardGraph, ShardWriter};
@@ -17,17 +18,22 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 /// How to build a shard's graph and how wide its searches look by default.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ShardConfig {
     /// Neighbours per point on the upper layers; layer 0 keeps up to `2 * m`.
     pub m: usize,
     /// The beam width while inserting: larger builds a better graph, slower.
     pub ef_construction: usize,
-    /// The beam width recorded in the shard for searches that do not set one. 100 is the
-    /// smallest that reaches recall@100 >= 0.95 against exact f32 search (a beam narrower
-    /// than k searches at k): on clustered embeddings of dim 64, 0.98 at 20,000 videos
-    /// (`tests/shard.rs`) and 0.96 at 100,000 (`bench_shard`; 0.975 at 128).
-    pub ef_search: usize,
+    /// The beam width recorded in the shard for searches that do not set one. `None`
+    /// (the default) calibrates it: the smallest width on [`EF_LADDER`] whose recall@100
+    /// against exact f32 search reaches `target_recall` on the calibration queries. The
+    /// width a given recall needs grows with the catalogue (on clustered embeddings of dim
+    /// 64, recall@100 0.96 needs about 100 at 100,000 videos and several hundred at
+    /// 1,000,000), so no fixed default serves every shard.
+    pub ef_search: Option<usize>,
+    /// The recall@100 the calibrated width must reach. Above the 0.95 floor so that the
+    /// floor holds on queries the calibration did not see.
+    pub target_recall: f64,
 }
 
 impl Default for ShardConfig {
@@ -35,7 +41,63 @@ impl Default for ShardConfig {
         Self {
             m: 16,
             ef_construction: 200,
-            ef_search: 100,
+            ef_search: None,
+            target_recall: 0.96,
+        }
+    }
+}
+
+/// The beam widths calibration tries, in order; it keeps the first that reaches the
+/// target, or the last if none does.
+pub const EF_LADDER: [usize; 12] = [100, 128, 160, 192, 256, 320, 384, 512, 640, 768, 1024, 1536];
+/// Queries calibration measures (their exact top 100 is a brute-force pass each).
+pub const CALIBRATION_QUERIES: usize = 200;
+/// The k of calibration's recall@k.
+const CALIBRATION_K: usize = 100;
+
+/// How the shard's default beam width was chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Calibration {
+    /// The beam width recorded in the shard.
+    pub ef: usize,
+    /// Mean recall@100 at that width on the calibration queries (`None` when the width
+    /// was configured rather than measured).
+    pub recall: Option<f64>,
+    /// The recall it aimed for.
+    pub target: f64,
+    /// The number of queries measured.
+    pub queries: usize,
+    /// Whether the queries were the caller's or a sample of the catalogue's own vectors.
+    pub from_catalogue: bool,
+    /// Time spent measuring.
+    pub time: Duration,
+}
+
+impl Calibration {
+    /// Whether the recorded width reached the target (configured widths count as met).
+    pub fn met(&self) -> bool {
+        self.recall.is_none_or(|recall| recall >= self.target)
+    }
+}
+
+impl fmt::Display for Calibration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.recall {
+            None => write!(f, "default ef {} (configured)", self.ef),
+            Some(recall) => write!(
+                f,
+                "default ef {}: recall@{CALIBRATION_K} {recall:.4} on {} {} queries (target {}{}), {:.1} s",
+                self.ef,
+                self.queries,
+                if self.from_catalogue {
+                    "catalogue"
+                } else {
+                    "calibration"
+                },
+                self.target,
+                if self.met() { "" } else { ", NOT reached" },
+                self.time.as_secs_f64()
+            ),
         }
     }
 }
@@ -114,6 +176,17 @@ pub enum ShardBuildError {
     /// hnsw_rs's graph could not be exported as a shard (a bug here or in hnsw_rs).
     #[error("cannot export the hnsw_rs graph: {0}")]
     Export(String),
+    /// The calibration queries are malformed.
+    #[error("calibration queries: {0}")]
+    CalibrationQueries(String),
+    /// The bench's shard file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The failure.
+        source: std::io::Error,
+    },
     /// The shard writer refused the exported graph.
     #[error(transparent)]
     Shard(#[from] edge::Error),
@@ -145,6 +218,8 @@ pub struct BuildReport {
     pub graph_time: Duration,
     /// Time spent exporting the graph and writing the shard.
     pub write_time: Duration,
+    /// How the default beam width was chosen.
+    pub calibration: Calibration,
 }
 
 impl BuildReport {
@@ -153,9 +228,9 @@ impl BuildReport {
         self.bytes as f64 / self.points as f64
     }
 
-    /// Graph building plus writing.
+    /// Graph building, writing and calibration.
     pub fn total_time(&self) -> Duration {
-        self.graph_time + self.write_time
+        self.graph_time + self.write_time + self.calibration.time
     }
 }
 
@@ -163,7 +238,7 @@ impl fmt::Display for BuildReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} videos x {} dims: {} bytes ({:.1} bytes/video), layers {:?}, layer-0 degree mean {:.1} max {}, edges dropped {} linked {}, built in {:.1} s (graph {:.1} s, export and write {:.2} s)",
+            "{} videos x {} dims: {} bytes ({:.1} bytes/video), layers {:?}, layer-0 degree mean {:.1} max {}, edges dropped {} linked {}, built in {:.1} s (graph {:.1} s, export and write {:.2} s); {}",
             self.points,
             self.dim,
             self.bytes,
@@ -176,6 +251,7 @@ impl fmt::Display for BuildReport {
             self.total_time().as_secs_f64(),
             self.graph_time.as_secs_f64(),
             self.write_time.as_secs_f64(),
+            self.calibration,
         )
     }
 }
@@ -212,14 +288,21 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// Builds a shard of `ids` and their embeddings (`vectors`, row-major, `dim` values per
 /// row, L2-normalised), searched by inner product.
+///
+/// Unless `config.ef_search` fixes it, the shard's default beam width is calibrated on
+/// `calibration_queries` (row-major, `dim` values each; the queries the shard will serve,
+/// such as user embeddings, are the best choice), or, when that is empty, on up to
+/// [`CALIBRATION_QUERIES`] of the catalogue's own vectors.
 pub fn build_shard(
     ids: &[u64],
     vectors: &[f32],
     dim: usize,
     config: &ShardConfig,
+    calibration_queries: &[f32],
 ) -> Result<(Vec<u8>, BuildReport), ShardBuildError> {
     check_config(config)?;
     check_input(ids, vectors, dim)?;
+    check_calibration_queries(calibration_queries, dim)?;
     let points = ids.len();
 
     let started = Instant::now();
@@ -240,10 +323,38 @@ pub fn build_shard(
     let started = Instant::now();
     let (graph, repairs) = export(&hnsw, points)?;
     drop(hnsw);
-    let bytes = ShardWriter::new(dim)
-        .search_ef(config.ef_search)
+    let first_ef = config.ef_search.unwrap_or(EF_LADDER[0]);
+    let mut bytes = ShardWriter::new(dim)
+        .search_ef(first_ef)
         .write(ids, vectors, &graph)?;
     let write_time = started.elapsed();
+
+    let calibration = match config.ef_search {
+        Some(ef) => Calibration {
+            ef,
+            recall: None,
+            target: config.target_recall,
+            queries: 0,
+            from_catalogue: false,
+            time: Duration::ZERO,
+        },
+        None => {
+            let calibration = calibrate(
+                &bytes,
+                ids,
+                vectors,
+                dim,
+                calibration_queries,
+                config.target_recall,
+            )?;
+            if calibration.ef != first_ef {
+                bytes = ShardWriter::new(dim)
+                    .search_ef(calibration.ef)
+                    .write(ids, vectors, &graph)?;
+            }
+            calibration
+        }
+    };
 
     let degrees = graph.layers[0].iter().map(|(_, list)| list.len());
     let report = BuildReport {
@@ -257,8 +368,95 @@ pub fn build_shard(
         linked_edges: repairs.linked,
         graph_time,
         write_time,
+        calibration,
     };
     Ok((bytes, report))
+}
+
+/// Measures recall@100 against exact f32 search up [`EF_LADDER`] and keeps the first
+/// width that reaches `target`.
+fn calibrate(
+    bytes: &[u8],
+    ids: &[u64],
+    vectors: &[f32],
+    dim: usize,
+    queries: &[f32],
+    target: f64,
+) -> Result<Calibration, ShardBuildError> {
+    let started = Instant::now();
+    let shard = Shard::open(bytes.to_vec())?;
+    let from_catalogue = queries.is_empty();
+    let sampled: Vec<f32>;
+    let queries = if from_catalogue {
+        // Evenly spaced rows: deterministic, and spread over the catalogue's order.
+        let points = ids.len();
+        let count = CALIBRATION_QUERIES.min(points);
+        sampled = (0..count)
+            .flat_map(|i| {
+                let row = i * points / count;
+                vectors[row * dim..(row + 1) * dim].iter().copied()
+            })
+            .collect();
+        &sampled[..]
+    } else {
+        queries
+    };
+    let k = CALIBRATION_K.min(ids.len());
+    let exact: Vec<Vec<u64>> = queries
+        .chunks_exact(dim)
+        .map(|q| {
+            exact_top_k(vectors, dim, q, k)
+                .into_iter()
+                .map(|row| ids[row])
+                .collect()
+        })
+        .collect();
+    let count = exact.len();
+    let mut scratch = SearchScratch::default();
+    let mut chosen = (EF_LADDER[0], 0.0);
+    for &ef in &EF_LADDER {
+        let search = shard.nns(k).ef(ef);
+        let mut total = 0.0;
+        for (query, truth) in queries.chunks_exact(dim).zip(&exact) {
+            let found: Vec<u64> = search
+                .search_with(query, &mut scratch)?
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
+            total += recall(&found, truth);
+        }
+        chosen = (ef, total / count.max(1) as f64);
+        // A beam as wide as the catalogue is exhaustive: wider cannot do better.
+        if chosen.1 >= target || ef >= ids.len() {
+            break;
+        }
+    }
+    Ok(Calibration {
+        ef: chosen.0,
+        recall: Some(chosen.1),
+        target,
+        queries: count,
+        from_catalogue,
+        time: started.elapsed(),
+    })
+}
+
+fn check_calibration_queries(queries: &[f32], dim: usize) -> Result<(), ShardBuildError> {
+    if dim > 0 && !queries.len().is_multiple_of(dim) {
+        return Err(ShardBuildError::CalibrationQueries(format!(
+            "{} values is not a whole number of queries of dimension {dim}",
+            queries.len()
+        )));
+    }
+    if let Some(at) = queries.iter().position(|v| !v.is_finite()) {
+        return Err(ShardBuildError::CalibrationQueries(format!(
+            "value {} of query {} is {}, not a finite number",
+            at % dim.max(1),
+            at / dim.max(1),
+            queries[at]
+        )));
+    }
+    Ok(())
 }
 
 fn check_config(config: &ShardConfig) -> Result<(), ShardBuildError> {
@@ -269,9 +467,15 @@ fn check_config(config: &ShardConfig) -> Result<(), ShardBuildError> {
             message: format!("must be in 2..=256, got {}", config.m),
         });
     }
+    if !(config.target_recall > 0.0 && config.target_recall <= 1.0) {
+        return Err(ShardBuildError::Config {
+            key: "target_recall",
+            message: format!("must be in (0, 1], got {}", config.target_recall),
+        });
+    }
     for (key, value) in [
         ("ef_construction", config.ef_construction),
-        ("ef_search", config.ef_search),
+        ("ef_search", config.ef_search.unwrap_or(1)),
     ] {
         if value == 0 || u32::try_from(value).is_err() {
             return Err(ShardBuildError::Config {
@@ -576,11 +780,15 @@ pub struct BenchReport {
     pub queries: usize,
     /// The seed of the embeddings.
     pub seed: u64,
-    /// The build.
-    pub build: BuildReport,
+    /// The build, or `None` when the shard was read back from a file.
+    pub build: Option<BuildReport>,
+    /// The shard's size in bytes.
+    pub bytes: usize,
+    /// The shard's default beam width.
+    pub default_ef: usize,
     /// `Shard::open`: checksum, validation and decoding, the edge's cold-start cost.
     pub open_time: Duration,
-    /// Graph search at each beam width.
+    /// Graph search at each beam width, narrowest first.
     pub graph: Vec<EfResult>,
     /// Brute force over the shard's int8 vectors (`Shard::exact_search`).
     pub exact: Latency,
@@ -596,21 +804,29 @@ impl fmt::Display for BenchReport {
             "shard bench: {} videos x {} dims (clustered, seed {}), {} queries, top {BENCH_K}",
             self.points, self.dim, self.seed, self.queries
         )?;
+        match &self.build {
+            Some(build) => {
+                writeln!(
+                    f,
+                    "build: {:.1} s (graph {:.1} s, export and write {:.2} s, calibration {:.1} s)",
+                    build.total_time().as_secs_f64(),
+                    build.graph_time.as_secs_f64(),
+                    build.write_time.as_secs_f64(),
+                    build.calibration.time.as_secs_f64()
+                )?;
+                writeln!(
+                    f,
+                    "layers {:?}; layer-0 degree mean {:.1}, max {}; {}",
+                    build.layer_sizes, build.mean_degree, build.max_degree, build.calibration
+                )?;
+            }
+            None => writeln!(f, "build: reused the shard file")?,
+        }
         writeln!(
             f,
-            "build: {:.1} s (graph {:.1} s, export and write {:.2} s)",
-            self.build.total_time().as_secs_f64(),
-            self.build.graph_time.as_secs_f64(),
-            self.build.write_time.as_secs_f64()
-        )?;
-        writeln!(
-            f,
-            "size: {} bytes, {:.1} bytes/video; layers {:?}; layer-0 degree mean {:.1}, max {}; opens in {:.1} ms",
-            self.build.bytes,
-            self.build.bytes_per_video(),
-            self.build.layer_sizes,
-            self.build.mean_degree,
-            self.build.max_degree,
+            "size: {} bytes, {:.1} bytes/video; opens in {:.1} ms",
+            self.bytes,
+            self.bytes as f64 / self.points as f64,
             self.open_time.as_secs_f64() * 1e3
         )?;
         writeln!(
@@ -620,20 +836,22 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "{:>5}  {:>10}  {:>10}  {:>10}  {:>16}",
+            "{:>9}  {:>10}  {:>10}  {:>10}  {:>16}",
             "ef", "median us", "p99 us", "recall@100", "speedup (median)"
         )?;
         for row in &self.graph {
             // A beam narrower than k searches at k (`Query::ef`): say so rather than
             // credit ef 64 with ef 100's recall.
-            let ef = if row.ef < BENCH_K {
-                format!("{}*", row.ef)
-            } else {
-                row.ef.to_string()
-            };
+            let mut ef = row.ef.to_string();
+            if row.ef < BENCH_K {
+                ef.push('*');
+            }
+            if row.ef == self.default_ef {
+                ef.push_str(" dflt");
+            }
             writeln!(
                 f,
-                "{:>5}  {:>10.1}  {:>10.1}  {:>10.4}  {:>15.1}x",
+                "{:>9}  {:>10.1}  {:>10.1}  {:>10.4}  {:>15.1}x",
                 ef,
                 row.latency.median_us,
                 row.latency.p99_us,
@@ -644,29 +862,77 @@ impl fmt::Display for BenchReport {
         if self.graph.iter().any(|row| row.ef < BENCH_K) {
             writeln!(f, "* below k = {BENCH_K}: searched with ef = {BENCH_K}")?;
         }
-        Ok(())
+        writeln!(f, "dflt: the shard's calibrated default")
     }
 }
 
 const BENCH_K: usize = 100;
-const BENCH_EFS: [usize; 3] = [64, 128, 256];
+const BENCH_EFS: [usize; 4] = [64, 128, 256, 512];
 
-/// Builds a shard of `points` clustered embeddings of `dim` (default [`ShardConfig`]) and
-/// measures `queries` fresh draws from the same mixture: build time, bytes per video,
-/// graph-search latency and recall@100 at ef 64, 128 and 256, and exact search latency.
-/// Meant for release builds; it panics only if the shard it just built fails to open.
-pub fn bench_shard(points: usize, dim: usize, queries: usize, seed: u64) -> BenchReport {
-    let all = clustered_embeddings(points + queries, dim, seed);
-    let (vectors, query_vectors) = all.split_at(points * dim);
+/// Builds a shard of `points` clustered embeddings of `dim` (default [`ShardConfig`],
+/// calibrated on its own draws) and measures `queries` fresh draws from the same mixture:
+/// build time, bytes per video, graph-search latency and recall@100 at ef 64, 128, 256,
+/// 512 and the shard's default, and exact search latency. With `shard_file`, a shard
+/// already there is read back instead of built (it must hold the same videos), else the
+/// new one is saved there: search changes can be measured at 1M videos without
+/// rebuilding. Meant for release builds.
+pub fn bench_shard(
+    points: usize,
+    dim: usize,
+    queries: usize,
+    seed: u64,
+    shard_file: Option<&Path>,
+) -> Result<BenchReport, ShardBuildError> {
+    let all = clustered_embeddings(points + CALIBRATION_QUERIES + queries, dim, seed);
+    let (vectors, rest) = all.split_at(points * dim);
+    let (calibration_queries, query_vectors) = rest.split_at(CALIBRATION_QUERIES * dim);
     // Ids unrelated to positions, as real video ids are.
     let ids: Vec<u64> = (0..points as u64)
         .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 16)
         .collect();
-    let (bytes, build) = build_shard(&ids, vectors, dim, &ShardConfig::default())
-        .expect("bench input is valid: distinct ids, finite unit vectors");
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ShardBuildError::Io { path, source }
+    };
+    let (bytes, build) = match shard_file {
+        Some(path) if path.exists() => (std::fs::read(path).map_err(io(path))?, None),
+        _ => {
+            let (bytes, build) = build_shard(
+                &ids,
+                vectors,
+                dim,
+                &ShardConfig::default(),
+                calibration_queries,
+            )?;
+            if let Some(path) = shard_file {
+                std::fs::write(path, &bytes).map_err(io(path))?;
+            }
+            (bytes, Some(build))
+        }
+    };
     let started = Instant::now();
-    let shard = Shard::open(bytes).expect("a freshly built shard opens");
+    let shard = Shard::open(bytes)?;
     let open_time = started.elapsed();
+    // Same dim, same count, and a few videos found at their own vectors: a shard of other
+    // parameters (another seed gives the same ids but other vectors) fails one of these.
+    let same = shard.dim() == dim
+        && shard.len() == points
+        && [0, points / 2, points - 1].into_iter().all(|row| {
+            let vector = &vectors[row * dim..(row + 1) * dim];
+            shard
+                .exact_search(vector, 1)
+                .is_ok_and(|hits| hits.first().is_some_and(|hit| hit.0 == ids[row]))
+        });
+    if !same {
+        return Err(ShardBuildError::Config {
+            key: "shard_file",
+            message: format!(
+                "holds {} videos of dim {}, not this bench's {points} of dim {dim} (seed {seed}); remove it to rebuild",
+                shard.len(),
+                shard.dim()
+            ),
+        });
+    }
 
     let exact: Vec<Vec<u64>> = query_vectors
         .chunks_exact(dim)
@@ -683,47 +949,48 @@ pub fn bench_shard(points: usize, dim: usize, queries: usize, seed: u64) -> Benc
     let mut recall_sum = 0.0;
     for (query, truth) in query_vectors.chunks_exact(dim).zip(&exact) {
         let started = Instant::now();
-        let hits = shard
-            .exact_search(query, BENCH_K)
-            .expect("query has the shard's dim");
+        let hits = shard.exact_search(query, BENCH_K)?;
         samples.push(started.elapsed());
         recall_sum += recall(&ids_of(hits), truth);
     }
     let exact_latency = Latency::of(samples);
     let exact_recall = recall_sum / queries.max(1) as f64;
 
+    let default_ef = shard.search_ef();
+    let mut efs: Vec<usize> = BENCH_EFS.to_vec();
+    efs.push(default_ef);
+    efs.sort_unstable();
+    efs.dedup();
     let mut scratch = SearchScratch::default();
-    let graph = BENCH_EFS
-        .iter()
-        .map(|&ef| {
-            let search = shard.nns(BENCH_K).ef(ef);
-            let mut samples = Vec::with_capacity(queries);
-            let mut recall_sum = 0.0;
-            for (query, truth) in query_vectors.chunks_exact(dim).zip(&exact) {
-                let started = Instant::now();
-                let hits = search
-                    .search_with(query, &mut scratch)
-                    .expect("query has the shard's dim");
-                samples.push(started.elapsed());
-                recall_sum += recall(&ids_of(hits), truth);
-            }
-            EfResult {
-                ef,
-                latency: Latency::of(samples),
-                recall: recall_sum / queries.max(1) as f64,
-            }
-        })
-        .collect();
+    let mut graph = Vec::with_capacity(efs.len());
+    for ef in efs {
+        let search = shard.nns(BENCH_K).ef(ef);
+        let mut samples = Vec::with_capacity(queries);
+        let mut recall_sum = 0.0;
+        for (query, truth) in query_vectors.chunks_exact(dim).zip(&exact) {
+            let started = Instant::now();
+            let hits = search.search_with(query, &mut scratch)?;
+            samples.push(started.elapsed());
+            recall_sum += recall(&ids_of(hits), truth);
+        }
+        graph.push(EfResult {
+            ef,
+            latency: Latency::of(samples),
+            recall: recall_sum / queries.max(1) as f64,
+        });
+    }
 
-    BenchReport {
+    Ok(BenchReport {
         points,
         dim,
         queries,
         seed,
+        bytes: shard.byte_len(),
+        default_ef,
         build,
         open_time,
         graph,
         exact: exact_latency,
         exact_recall,
-    }
+    })
 }

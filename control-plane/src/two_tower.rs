@@ -5,9 +5,10 @@
 //! their categories, country, language (shared with videos), age bucket and z-score, and a
 //! user-id embedding that training drops half of the time so the tower also serves
 //! anonymous viewers. Its inputs are computed by [`edge::tower::encode_user`], the function
-//! serving calls. Video tower: video id, category, child categories, title words (hashed
-//! bag), tags, duration (bucket and log z-score), popularity level, language. Both: an MLP
-//! with ReLU, then L2 normalisation.
+//! serving calls. Video tower: video id, category, child categories, the title (a learned
+//! projection of its frozen sentence vector from `crate::title_encoder` when the
+//! caller provides them, else a bag of hashed words), tags, duration (bucket and log
+//! z-score), popularity level, language. Both: an MLP with ReLU, then L2 normalisation.
 //!
 //! Loss: in-batch sampled softmax at a temperature, with the logQ correction (the log of
 //! each video's share of training positives is subtracted from its logits, so popular
@@ -56,6 +57,9 @@ pub enum TrainError {
     /// The training split has nothing to learn from.
     #[error("cannot train the two-tower model: {0}")]
     NoData(String),
+    /// The saved model and the title vectors given do not match.
+    #[error("{0}")]
+    TitleMismatch(String),
     /// A tensor operation failed (a bug, or memory exhausted).
     #[error("tensor operation failed: {0}")]
     Tensor(#[from] candle_core::Error),
@@ -69,13 +73,20 @@ struct VideoInputs {
     category: Tensor,
     children: Tensor,
     children_weights: Tensor,
-    title: Tensor,
-    title_weights: Tensor,
+    title: TitleInput,
     tags: Tensor,
     tags_weights: Tensor,
     duration_bucket: Tensor,
     language: Tensor,
     dense: Tensor,
+}
+
+/// A title as the video tower reads it.
+enum TitleInput {
+    /// Hashed word buckets `[N, TITLE_WORDS]` and their pooling weights.
+    Words { rows: Tensor, weights: Tensor },
+    /// Frozen sentence vectors `[N, D]`.
+    Sentences(Tensor),
 }
 
 /// Pads or truncates `items` to `width` rows and equal weights summing to 1.
@@ -102,6 +113,7 @@ impl VideoInputs {
         videos: &[Video],
         preprocessor: &Preprocessor,
         positives: &HashMap<u64, u64>,
+        title_vectors: Option<&[f32]>,
         device: &Device,
     ) -> Result<Self, TrainError> {
         let n = videos.len();
@@ -162,8 +174,22 @@ impl VideoInputs {
             category: column(category)?,
             children: matrix(children, CHILDREN)?,
             children_weights: weights(children_weights, CHILDREN)?,
-            title: matrix(title, TITLE_WORDS)?,
-            title_weights: weights(title_weights, TITLE_WORDS)?,
+            title: match title_vectors {
+                Some(vectors) => {
+                    let dim = vectors.len() / n.max(1);
+                    if dim == 0 || dim * n != vectors.len() {
+                        return Err(TrainError::TitleMismatch(format!(
+                            "{} title vector values for {n} videos",
+                            vectors.len()
+                        )));
+                    }
+                    TitleInput::Sentences(Tensor::from_vec(vectors.to_vec(), (n, dim), device)?)
+                }
+                None => TitleInput::Words {
+                    rows: matrix(title, TITLE_WORDS)?,
+                    weights: weights(title_weights, TITLE_WORDS)?,
+                },
+            },
             tags: matrix(tags, TAGS)?,
             tags_weights: weights(tags_weights, TAGS)?,
             duration_bucket: column(duration_bucket)?,
@@ -233,6 +259,14 @@ fn pool(table: &Embedding, rows: &Tensor, weights: &Tensor) -> candle_core::Resu
 fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
     let norm = x.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
     x.broadcast_div(&norm)
+}
+
+/// The video tower's title layer, matching [`TitleInput`].
+enum TitleLayer {
+    /// One embedding row per hashed word bucket.
+    Words(Embedding),
+    /// A learned projection of the frozen sentence vector.
+    Sentences(Linear),
 }
 
 struct Mlp(Vec<Linear>);
@@ -316,7 +350,7 @@ pub struct TwoTower {
     vars: Vec<(String, Var)>,
     video: Embedding,
     category: Embedding,
-    title: Embedding,
+    title: TitleLayer,
     tag: Embedding,
     country: Embedding,
     language: Embedding,
@@ -333,6 +367,7 @@ impl TwoTower {
     fn new(
         preprocessor: &Preprocessor,
         config: &TwoTowerConfig,
+        title_vector_dim: Option<usize>,
         device: &Device,
     ) -> Result<Self, TrainError> {
         let e = config.embedding_dim;
@@ -343,7 +378,10 @@ impl TwoTower {
         };
         let video = init.embedding("video", preprocessor.video_ids.len(), e)?;
         let category = init.embedding("category", preprocessor.categories.len(), e)?;
-        let title = init.embedding("title", TITLE_BUCKETS as usize + 1, e)?;
+        let title = match title_vector_dim {
+            Some(dim) => TitleLayer::Sentences(init.linear("title_projection", dim, e)?),
+            None => TitleLayer::Words(init.embedding("title", TITLE_BUCKETS as usize + 1, e)?),
+        };
         let tag = init.embedding("tag", preprocessor.tags.len() + 1, e)?;
         let country = init.embedding("country", preprocessor.countries.len(), e)?;
         let language = init.embedding("language", preprocessor.languages.len(), e)?;
@@ -415,11 +453,15 @@ impl TwoTower {
                     &pick(&inputs.children)?,
                     &pick(&inputs.children_weights)?,
                 )?,
-                pool(
-                    &self.title,
-                    &pick(&inputs.title)?,
-                    &pick(&inputs.title_weights)?,
-                )?,
+                match (&self.title, &inputs.title) {
+                    (TitleLayer::Words(table), TitleInput::Words { rows, weights }) => {
+                        pool(table, &pick(rows)?, &pick(weights)?)?
+                    }
+                    (TitleLayer::Sentences(projection), TitleInput::Sentences(vectors)) => {
+                        projection.forward(&pick(vectors)?)?
+                    }
+                    _ => candle_core::bail!("title layer and title inputs differ in kind"),
+                },
                 pool(
                     &self.tag,
                     &pick(&inputs.tags)?,
@@ -450,6 +492,15 @@ impl TwoTower {
             vars.push((name.to_owned(), var));
             Ok(tensor)
         };
+        let title = if tensors.contains_key("title_projection.weight") {
+            let weight = take("title_projection.weight")?;
+            let bias = take("title_projection.bias")?.squeeze(0)?;
+            TitleLayer::Sentences(Linear::new(weight, Some(bias)))
+        } else {
+            let table = take("title")?;
+            let dim = table.dim(1)?;
+            TitleLayer::Words(Embedding::new(table, dim))
+        };
         let mut embedding = |name: &str| -> Result<Embedding, TrainError> {
             let table = take(name)?;
             let dim = table.dim(1)?;
@@ -457,7 +508,6 @@ impl TwoTower {
         };
         let video = embedding("video")?;
         let category = embedding("category")?;
-        let title = embedding("title")?;
         let tag = embedding("tag")?;
         let country = embedding("country")?;
         let language = embedding("language")?;
@@ -491,6 +541,15 @@ impl TwoTower {
             video_mlp,
             spec,
         })
+    }
+
+    /// The width of the title sentence vectors the video tower projects, or `None` if it
+    /// reads hashed title words.
+    pub fn title_vector_dim(&self) -> Option<usize> {
+        match &self.title {
+            TitleLayer::Words(_) => None,
+            TitleLayer::Sentences(projection) => projection.weight().dim(1).ok(),
+        }
     }
 
     /// User embeddings (row-major `[inputs.len(), output_dim]`) computed by candle.
@@ -579,6 +638,9 @@ pub struct TrainingData<'a> {
     pub split: &'a Split,
     /// Positive rules.
     pub rules: &'a EngagementRules,
+    /// Frozen sentence vectors of the titles, row-major in `videos` order (see
+    /// `crate::title_encoder`), or `None` for hashed title words.
+    pub title_vectors: Option<&'a [f32]>,
 }
 
 /// A trained model together with the encoded catalogue, ready to retrieve.
@@ -616,6 +678,7 @@ impl<'a> TrainedRetriever<'a> {
             data.videos,
             data.preprocessor,
             &positive_counts(histories),
+            data.title_vectors,
             &device,
         )?;
         let viewers = data
@@ -657,6 +720,20 @@ impl<'a> TrainedRetriever<'a> {
         data: &'a TrainingData<'a>,
     ) -> Result<Self, TrainError> {
         let model = TwoTower::from_tensors(tensors, spec)?;
+        let given = data
+            .title_vectors
+            .map(|v| v.len() / data.videos.len().max(1));
+        if model.title_vector_dim() != given {
+            let describe = |dim: Option<usize>| match dim {
+                Some(dim) => format!("title sentence vectors of {dim} values"),
+                None => "hashed title words".to_owned(),
+            };
+            return Err(TrainError::TitleMismatch(format!(
+                "the saved model reads {}, but {} were given (load it with the title model it was trained with)",
+                describe(model.title_vector_dim()),
+                describe(given)
+            )));
+        }
         // Training sees the train split only: the histories of the validation part.
         let histories =
             eval::training_histories(data.split, data.videos, data.rules, Part::Validation);
@@ -755,7 +832,10 @@ pub fn train<'a>(
         *entry = entry.max(weight);
     }
     let positives_per_video = positive_counts(&histories);
-    let model = TwoTower::new(data.preprocessor, config, &device)?;
+    let title_vector_dim = data
+        .title_vectors
+        .map(|v| v.len() / data.videos.len().max(1));
+    let model = TwoTower::new(data.preprocessor, config, title_vector_dim, &device)?;
     let mut retriever = TrainedRetriever::assemble(model, data, &histories)?;
     let inputs = &retriever.inputs;
     let viewers = &retriever.viewers;
@@ -787,15 +867,12 @@ pub fn train<'a>(
     }
     // logQ: each video's share of training positives, floored so unseen videos stay finite.
     let total = examples.len() as f64;
-    let log_q: Vec<f32> = inputs
+    let positive_share: Vec<f64> = inputs
         .ids
         .iter()
-        .map(|id| {
-            ((positives_per_video.get(id).copied().unwrap_or(0) as f64).max(0.5) / total).ln()
-                as f32
-        })
+        .map(|id| (positives_per_video.get(id).copied().unwrap_or(0) as f64).max(0.5) / total)
         .collect();
-    let log_q = Tensor::from_vec(log_q, inputs.ids.len(), &device)?;
+    let catalogue = inputs.ids.len() as u32;
 
     let mut optimizer = AdamW::new(
         retriever
@@ -851,11 +928,15 @@ pub fn train<'a>(
                     )
                 })
                 .collect();
+            let extra: Vec<u32> = (0..config.extra_negatives)
+                .map(|_| rng.random_range(0..catalogue))
+                .collect();
             let loss = batch_loss(
                 &retriever,
                 &batch,
+                &extra,
                 &user_inputs,
-                &log_q,
+                &positive_share,
                 config.temperature,
                 &device,
             )?;
@@ -900,34 +981,49 @@ pub fn train<'a>(
     Ok((retriever, report))
 }
 
+/// The weighted sampled-softmax loss of a batch: each user against its own positive, the
+/// other examples' positives and the `extra` uniformly drawn videos. Every candidate's
+/// logit is lowered by the log of its expected count among the candidates (`B * share +
+/// R / N`: in-batch draws follow the positives' distribution, extra ones are uniform), the
+/// logQ correction for a mixed proposal.
 fn batch_loss(
     retriever: &TrainedRetriever<'_>,
     batch: &[&Example],
+    extra: &[u32],
     user_inputs: &[UserTowerInput],
-    log_q: &Tensor,
+    positive_share: &[f64],
     temperature: f64,
     device: &Device,
 ) -> Result<Tensor, TrainError> {
     let b = batch.len();
-    let rows: Vec<u32> = batch.iter().map(|e| e.video_row).collect();
-    let mut mask = vec![0f32; b * b];
-    for i in 0..b {
-        for j in 0..b {
-            if i != j && rows[i] == rows[j] {
-                mask[i * b + j] = -1e9;
+    let positives: Vec<u32> = batch.iter().map(|e| e.video_row).collect();
+    let candidates: Vec<u32> = positives.iter().chain(extra).copied().collect();
+    let c = candidates.len();
+    let uniform = extra.len() as f64 / positive_share.len().max(1) as f64;
+    let correction: Vec<f32> = candidates
+        .iter()
+        .map(|&row| (b as f64 * positive_share[row as usize] + uniform).ln() as f32)
+        .collect();
+    // A user's own positive drawn again as another candidate is not a negative.
+    let mut mask = vec![0f32; b * c];
+    for (i, own) in positives.iter().enumerate() {
+        for (j, candidate) in candidates.iter().enumerate() {
+            if i != j && own == candidate {
+                mask[i * c + j] = -1e9;
             }
         }
     }
-    let rows_tensor = Tensor::from_vec(rows, b, device)?;
+    let candidates = Tensor::from_vec(candidates, c, device)?;
     let users = retriever
         .model
         .users(&UserBatch::new(user_inputs, device)?)?;
-    let videos = retriever.model.videos(&retriever.inputs, &rows_tensor)?;
+    let videos = retriever.model.videos(&retriever.inputs, &candidates)?;
     let logits = (users.matmul(&videos.t()?)? / temperature)?
-        .broadcast_sub(&log_q.index_select(&rows_tensor, 0)?.unsqueeze(0)?)?
-        .add(&Tensor::from_vec(mask, (b, b), device)?)?;
+        .broadcast_sub(&Tensor::from_vec(correction, (1, c), device)?)?
+        .add(&Tensor::from_vec(mask, (b, c), device)?)?;
     let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let diagonal = log_probs
+        .narrow(1, 0, b)?
         .mul(&Tensor::eye(b, DType::F32, device)?)?
         .sum(1)?;
     let weights = Tensor::from_vec(

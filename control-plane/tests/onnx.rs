@@ -66,6 +66,7 @@ fn build_fixture() -> Fixture {
         users: &dataset.users,
         split: &parts,
         rules: &rules,
+        title_vectors: None,
     };
     let config = TwoTowerConfig {
         epochs: 1,

