@@ -55,6 +55,18 @@ pub enum Error {
         /// The query's length.
         found: usize,
     },
+    /// A ranker model is inconsistent or uses a part this evaluator cannot apply exactly.
+    #[error("invalid ranker model: {reason}")]
+    InvalidRanker {
+        /// What is wrong, naming the part, e.g. `oblivious_trees[3]: split_index 99 is out of range`.
+        reason: String,
+    },
+    /// Rows given to the ranker do not fit its columns.
+    #[error("ranker input does not fit the model: {reason}")]
+    InvalidRankerInput {
+        /// What is wrong, e.g. `row 0, column 1 (categorical feature 0) holds a number`.
+        reason: String,
+    },
     /// A query vector holds NaN or an infinity, which would make every score meaningless.
     #[error("query value at index {index} is not finite")]
     NonFiniteQuery {

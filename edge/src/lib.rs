@@ -11,6 +11,7 @@ pub mod engagement;
 pub mod entities;
 mod error;
 pub mod preprocess;
+pub mod ranker;
 pub mod shard;
 pub mod tower;
 

@@ -1,0 +1,605 @@
+//! The ranker: an ensemble of oblivious (symmetric) decision trees, as CatBoost builds
+//! them, evaluated exactly as CatBoost evaluates them.
+//!
+//! A [`RankerModel`] is read from and written to CatBoost's JSON model format
+//! ([`RankerModel::from_catboost_json`], [`RankerModel::to_catboost_json`]), so a model
+//! trained by official CatBoost serves here and one trained by edgerec loads in CatBoost.
+//! What the model reads:
+//!
+//! - float features, compared as f32 against sorted borders (`x > border`); NaN follows
+//!   the feature's [`NanTreatment`];
+//! - categorical features, hashed once ([`CatValue`], CityHash64 v1.0.2 of the UTF-8 bytes,
+//!   low 32 bits, as CatBoost does), either tested for equality with one-hot values or
+//!   turned into counter statistics ([`Ctr`]) looked up in tables learnt in training.
+//!
+//! Every split is a test of one *binary feature*: the borders of every float feature in
+//! order, then the one-hot values of every categorical feature, then the borders of every
+//! CTR. A tree's leaf index has bit `l` set when its `l`-th split holds. The evaluator
+//! ([`RankerModel::predict`]) computes each candidate's binary features once, column by
+//! column, then each tree's leaf indices for all candidates together: no branches, one
+//! pass per tree level over a byte column.
+
+mod catboost_json;
+mod cityhash;
+
+pub use catboost_json::ctr_identifier;
+
+use std::collections::BTreeMap;
+
+use crate::Error;
+
+/// What a NaN float input means to a feature's splits (CatBoost's `nan_value_treatment`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NanTreatment {
+    /// NaN compares false with every border (the feature had no NaN in training).
+    AsIs,
+    /// NaN is below every border: every split on the feature is false (`nan_mode` Min).
+    AsFalse,
+    /// NaN is above every border: every split on the feature is true (`nan_mode` Max).
+    AsTrue,
+}
+
+/// A float input column.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FloatFeature {
+    /// The column in an input row.
+    pub flat_index: usize,
+    /// Sorted ascending; only borders some split uses.
+    pub borders: Vec<f32>,
+    /// Whether training saw NaN in this column.
+    pub has_nans: bool,
+    /// What NaN means at evaluation.
+    pub nan_treatment: NanTreatment,
+    /// The column's name (may be empty).
+    pub name: String,
+}
+
+/// A categorical input column.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CatFeature {
+    /// The column in an input row.
+    pub flat_index: usize,
+    /// The category hashes that one-hot splits test for (empty if the feature is only
+    /// used through CTRs or not at all).
+    pub one_hot_values: Vec<i32>,
+    /// The column's name (may be empty).
+    pub name: String,
+}
+
+/// The kind of counter statistic a [`Ctr`] computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CtrType {
+    /// Share of examples with a label above the target border among those with the key.
+    Borders,
+    /// Share of examples in the target bucket among those with the key.
+    Buckets,
+    /// How often the key occurred, relative to the most frequent key.
+    Counter,
+    /// As `Counter` (CatBoost's name for the same computation in some models).
+    FeatureFreq,
+}
+
+impl CtrType {
+    fn name(self) -> &'static str {
+        match self {
+            CtrType::Borders => "Borders",
+            CtrType::Buckets => "Buckets",
+            CtrType::Counter => "Counter",
+            CtrType::FeatureFreq => "FeatureFreq",
+        }
+    }
+}
+
+/// One part of the key of a CTR: a categorical value, or a binary test folded into the
+/// key (CatBoost's feature combinations).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CtrElement {
+    /// The hash of a categorical feature's value.
+    CatValue {
+        /// Index into [`RankerModel::cat_features`].
+        cat_feature: usize,
+    },
+    /// Whether a float feature is above a border.
+    FloatSplit {
+        /// Index into [`RankerModel::float_features`].
+        float_feature: usize,
+        /// The border.
+        border: f32,
+    },
+    /// Whether a categorical feature equals a value.
+    CatEquals {
+        /// Index into [`RankerModel::cat_features`].
+        cat_feature: usize,
+        /// The category hash.
+        value: i32,
+    },
+}
+
+/// A counter statistic of a categorical value (or combination), computed from a table
+/// learnt in training: `((count + prior_numerator) / (total + prior_denominator) + shift)
+/// * scale`, in f32, then compared with `borders`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ctr {
+    /// What the key is made of, in hashing order.
+    pub elements: Vec<CtrElement>,
+    /// The statistic.
+    pub ctr_type: CtrType,
+    /// Added to the count.
+    pub prior_numerator: f32,
+    /// Added to the total.
+    pub prior_denominator: f32,
+    /// Multiplies the result.
+    pub scale: f32,
+    /// Added before scaling.
+    pub shift: f32,
+    /// Which target class border (`Borders`) or bucket (`Buckets`) counts as positive.
+    pub target_border_index: usize,
+    /// Sorted ascending.
+    pub borders: Vec<f32>,
+    /// Index into [`RankerModel::ctr_tables`].
+    pub table: usize,
+}
+
+/// Counts per key learnt in training, shared by the CTRs of one key and type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CtrTable {
+    /// CatBoost's identifier of the table (JSON text naming the elements and the type).
+    pub identifier: String,
+    /// For `Counter`: the largest count, the denominator of every key's statistic.
+    pub counter_denominator: u32,
+    /// Counts per key: per class for `Borders` and `Buckets`, one for `Counter`.
+    pub counts: BTreeMap<u64, Vec<u32>>,
+    /// Values per key (`hash_stride - 1`).
+    pub width: usize,
+}
+
+/// One oblivious tree: the same split at every node of a level.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObliviousTree {
+    /// Binary feature index of each level's split; level 0 is the leaf index's lowest bit.
+    pub splits: Vec<u32>,
+    /// `2^depth` leaf values.
+    pub leaf_values: Vec<f64>,
+}
+
+/// One input value of a row.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FeatureValue {
+    /// A float feature's value (NaN is allowed and means "missing").
+    Float(f32),
+    /// A categorical feature's value, hashed.
+    Cat(CatValue),
+}
+
+/// A categorical value as the model sees it: CityHash64 v1.0.2 of its UTF-8 bytes, low 32
+/// bits. Hash once, evaluate many times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CatValue(pub u32);
+
+impl CatValue {
+    /// The hash of `value` (integers are categories by their decimal text, as in CatBoost).
+    pub fn new(value: &str) -> Self {
+        Self(cityhash::city_hash64(value.as_bytes()) as u32)
+    }
+
+    /// The hash as the signed value CatBoost stores in one-hot splits.
+    pub fn as_i32(self) -> i32 {
+        self.0 as i32
+    }
+}
+
+/// A test that a split applies.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum BinaryFeature {
+    Float { feature: usize, border: f32 },
+    OneHot { feature: usize, value: i32 },
+    Ctr { ctr: usize, border: f32 },
+}
+
+/// An oblivious-tree ensemble with its feature descriptions (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankerModel {
+    /// Float input columns.
+    pub float_features: Vec<FloatFeature>,
+    /// Categorical input columns.
+    pub cat_features: Vec<CatFeature>,
+    /// Counter statistics of categorical values.
+    pub ctrs: Vec<Ctr>,
+    /// The tables the CTRs read.
+    pub ctr_tables: Vec<CtrTable>,
+    /// The trees, summed in order.
+    pub trees: Vec<ObliviousTree>,
+    /// `prediction = scale * sum of leaves + bias`.
+    pub scale: f64,
+    /// See `scale`.
+    pub bias: f64,
+    binary: Vec<BinaryFeature>,
+    width: usize,
+}
+
+/// Reusable working memory for [`RankerModel::predict_with`].
+#[derive(Debug, Default, Clone)]
+pub struct RankerScratch {
+    bits: Vec<u8>,
+    leaves: Vec<u32>,
+    ctr_values: Vec<f32>,
+    floats: Vec<f32>,
+    cats: Vec<i32>,
+}
+
+fn invalid(reason: impl Into<String>) -> Error {
+    Error::InvalidRanker {
+        reason: reason.into(),
+    }
+}
+
+/// CatBoost's `CalcHash`: folds `value` into the running key `hash`.
+fn fold_hash(hash: u64, value: u64) -> u64 {
+    const MAGIC: u64 = 0x4906_ba49_4954_cb65;
+    MAGIC.wrapping_mul(hash.wrapping_add(MAGIC.wrapping_mul(value)))
+}
+
+impl RankerModel {
+    /// Checks the parts against each other and derives the evaluator's tables. Every
+    /// constructor goes through here, so a model that exists can evaluate any row of the
+    /// right shape.
+    pub fn new(
+        float_features: Vec<FloatFeature>,
+        cat_features: Vec<CatFeature>,
+        ctrs: Vec<Ctr>,
+        ctr_tables: Vec<CtrTable>,
+        trees: Vec<ObliviousTree>,
+        scale: f64,
+        bias: f64,
+    ) -> Result<Self, Error> {
+        if !scale.is_finite() || !bias.is_finite() {
+            return Err(invalid(format!(
+                "scale_and_bias must be finite, got [{scale}, {bias}]"
+            )));
+        }
+        let mut columns = BTreeMap::new();
+        let mut binary = Vec::new();
+        for (index, feature) in float_features.iter().enumerate() {
+            if let Some(other) = columns.insert(feature.flat_index, ("float", index)) {
+                return Err(invalid(format!(
+                    "float_features[{index}]: column {} is also {}_features[{}]",
+                    feature.flat_index, other.0, other.1
+                )));
+            }
+            if !feature.borders.is_sorted_by(|a, b| a < b)
+                || feature.borders.iter().any(|b| b.is_nan())
+            {
+                return Err(invalid(format!(
+                    "float_features[{index}].borders are not strictly ascending numbers"
+                )));
+            }
+            binary.extend(feature.borders.iter().map(|&border| BinaryFeature::Float {
+                feature: index,
+                border,
+            }));
+        }
+        for (index, feature) in cat_features.iter().enumerate() {
+            if let Some(other) = columns.insert(feature.flat_index, ("categorical", index)) {
+                return Err(invalid(format!(
+                    "categorical_features[{index}]: column {} is also {}_features[{}]",
+                    feature.flat_index, other.0, other.1
+                )));
+            }
+            binary.extend(
+                feature
+                    .one_hot_values
+                    .iter()
+                    .map(|&value| BinaryFeature::OneHot {
+                        feature: index,
+                        value,
+                    }),
+            );
+        }
+        for (index, ctr) in ctrs.iter().enumerate() {
+            let table = ctr_tables
+                .get(ctr.table)
+                .ok_or_else(|| invalid(format!("ctrs[{index}]: no table {}", ctr.table)))?;
+            if ctr.elements.is_empty() {
+                return Err(invalid(format!("ctrs[{index}] has no elements")));
+            }
+            for element in &ctr.elements {
+                let fine = match *element {
+                    CtrElement::CatValue { cat_feature }
+                    | CtrElement::CatEquals { cat_feature, .. } => cat_feature < cat_features.len(),
+                    CtrElement::FloatSplit { float_feature, .. } => {
+                        float_feature < float_features.len()
+                    }
+                };
+                if !fine {
+                    return Err(invalid(format!(
+                        "ctrs[{index}]: element {element:?} names a feature the model does not have"
+                    )));
+                }
+            }
+            let classes_needed = match ctr.ctr_type {
+                CtrType::Borders | CtrType::Buckets => ctr.target_border_index + 1,
+                CtrType::Counter | CtrType::FeatureFreq => 1,
+            };
+            if table.width < classes_needed {
+                return Err(invalid(format!(
+                    "ctrs[{index}]: its table {:?} holds {} counts per key, {} needed",
+                    table.identifier, table.width, classes_needed
+                )));
+            }
+            if !ctr.borders.is_sorted_by(|a, b| a < b) || ctr.borders.iter().any(|b| b.is_nan()) {
+                return Err(invalid(format!(
+                    "ctrs[{index}].borders are not strictly ascending numbers"
+                )));
+            }
+            binary.extend(
+                ctr.borders
+                    .iter()
+                    .map(|&border| BinaryFeature::Ctr { ctr: index, border }),
+            );
+        }
+        for (index, table) in ctr_tables.iter().enumerate() {
+            if let Some((key, counts)) = table.counts.iter().find(|(_, c)| c.len() != table.width) {
+                return Err(invalid(format!(
+                    "ctr table {index} ({:?}): key {key} has {} counts, expected {}",
+                    table.identifier,
+                    counts.len(),
+                    table.width
+                )));
+            }
+        }
+        for (index, tree) in trees.iter().enumerate() {
+            if tree.splits.len() > 16 {
+                return Err(invalid(format!(
+                    "oblivious_trees[{index}] has depth {}, at most 16 is supported",
+                    tree.splits.len()
+                )));
+            }
+            if tree.leaf_values.len() != 1 << tree.splits.len() {
+                return Err(invalid(format!(
+                    "oblivious_trees[{index}] has {} leaf values for depth {} (expected {})",
+                    tree.leaf_values.len(),
+                    tree.splits.len(),
+                    1usize << tree.splits.len()
+                )));
+            }
+            if let Some(split) = tree.splits.iter().find(|&&s| s as usize >= binary.len()) {
+                return Err(invalid(format!(
+                    "oblivious_trees[{index}]: split_index {split} is out of range (the model has {} binary features)",
+                    binary.len()
+                )));
+            }
+            if tree.leaf_values.iter().any(|v| !v.is_finite()) {
+                return Err(invalid(format!(
+                    "oblivious_trees[{index}] has a non-finite leaf value"
+                )));
+            }
+        }
+        let width = columns.keys().next_back().map_or(0, |&last| last + 1);
+        Ok(Self {
+            float_features,
+            cat_features,
+            ctrs,
+            ctr_tables,
+            trees,
+            scale,
+            bias,
+            binary,
+            width,
+        })
+    }
+
+    /// The number of values an input row must have (the largest column index plus one).
+    pub fn row_width(&self) -> usize {
+        self.width
+    }
+
+    /// The predictions (CatBoost's `RawFormulaVal`) of `rows`, row-major with
+    /// [`RankerModel::row_width`] values each.
+    pub fn predict(&self, rows: &[FeatureValue]) -> Result<Vec<f64>, Error> {
+        let mut out = Vec::new();
+        self.predict_with(rows, &mut RankerScratch::default(), &mut out)?;
+        Ok(out)
+    }
+
+    /// As [`RankerModel::predict`], reusing `scratch` and writing into `out` (cleared first).
+    /// Fails only if the rows do not fit the model: a wrong length, or a float where a
+    /// category is expected or the reverse.
+    pub fn predict_with(
+        &self,
+        rows: &[FeatureValue],
+        scratch: &mut RankerScratch,
+        out: &mut Vec<f64>,
+    ) -> Result<(), Error> {
+        out.clear();
+        let n = self.check_rows(rows)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.binarize(rows, n, scratch);
+        let RankerScratch { bits, leaves, .. } = scratch;
+        let mut sums = vec![0.0_f64; n];
+        leaves.clear();
+        leaves.resize(n, 0);
+        for tree in &self.trees {
+            leaves.fill(0);
+            for (level, &split) in tree.splits.iter().enumerate() {
+                let column = &bits[split as usize * n..(split as usize + 1) * n];
+                for (leaf, &bit) in leaves.iter_mut().zip(column) {
+                    *leaf |= u32::from(bit) << level;
+                }
+            }
+            for (sum, &leaf) in sums.iter_mut().zip(leaves.iter()) {
+                *sum += tree.leaf_values[leaf as usize];
+            }
+        }
+        out.extend(sums.into_iter().map(|sum| self.scale * sum + self.bias));
+        Ok(())
+    }
+
+    fn check_rows(&self, rows: &[FeatureValue]) -> Result<usize, Error> {
+        if self.width == 0 {
+            // A model without features is a constant: any row count is "rows of width 0".
+            return Err(invalid("a model without input columns cannot split rows"));
+        }
+        if !rows.len().is_multiple_of(self.width) {
+            return Err(Error::InvalidRankerInput {
+                reason: format!(
+                    "{} values is not a whole number of rows of {} columns",
+                    rows.len(),
+                    self.width
+                ),
+            });
+        }
+        let n = rows.len() / self.width;
+        for row in 0..n {
+            let row_values = &rows[row * self.width..(row + 1) * self.width];
+            for (index, feature) in self.float_features.iter().enumerate() {
+                if !matches!(row_values[feature.flat_index], FeatureValue::Float(_)) {
+                    return Err(Error::InvalidRankerInput {
+                        reason: format!(
+                            "row {row}, column {} (float feature {index} {:?}) holds a category",
+                            feature.flat_index, feature.name
+                        ),
+                    });
+                }
+            }
+            for (index, feature) in self.cat_features.iter().enumerate() {
+                if !matches!(row_values[feature.flat_index], FeatureValue::Cat(_)) {
+                    return Err(Error::InvalidRankerInput {
+                        reason: format!(
+                            "row {row}, column {} (categorical feature {index} {:?}) holds a number",
+                            feature.flat_index, feature.name
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    fn float_at(&self, rows: &[FeatureValue], row: usize, feature: usize) -> f32 {
+        let spec = &self.float_features[feature];
+        match rows[row * self.width + spec.flat_index] {
+            FeatureValue::Float(x) if x.is_nan() => match spec.nan_treatment {
+                NanTreatment::AsIs => f32::NAN,
+                NanTreatment::AsFalse => f32::NEG_INFINITY,
+                NanTreatment::AsTrue => f32::INFINITY,
+            },
+            FeatureValue::Float(x) => x,
+            FeatureValue::Cat(_) => f32::NAN,
+        }
+    }
+
+    fn cat_at(&self, rows: &[FeatureValue], row: usize, feature: usize) -> CatValue {
+        match rows[row * self.width + self.cat_features[feature].flat_index] {
+            FeatureValue::Cat(value) => value,
+            FeatureValue::Float(_) => CatValue(0),
+        }
+    }
+
+    /// The CTR's value for one row (CatBoost's `TModelCtr::Calc`, in f32).
+    fn ctr_value(&self, ctr: &Ctr, key: u64) -> f32 {
+        let table = &self.ctr_tables[ctr.table];
+        let (count, total) = match (ctr.ctr_type, table.counts.get(&key)) {
+            (CtrType::Borders, Some(counts)) => {
+                let above: u32 = counts[ctr.target_border_index + 1..].iter().sum();
+                (above as f32, counts.iter().sum::<u32>() as f32)
+            }
+            (CtrType::Buckets, Some(counts)) => (
+                counts[ctr.target_border_index] as f32,
+                counts.iter().sum::<u32>() as f32,
+            ),
+            (CtrType::Counter | CtrType::FeatureFreq, found) => (
+                found.map_or(0.0, |counts| counts[0] as f32),
+                table.counter_denominator as f32,
+            ),
+            (CtrType::Borders | CtrType::Buckets, None) => (0.0, 0.0),
+        };
+        let share = (count + ctr.prior_numerator) / (total + ctr.prior_denominator);
+        (share + ctr.shift) * ctr.scale
+    }
+
+    fn ctr_key(&self, ctr: &Ctr, rows: &[FeatureValue], row: usize) -> u64 {
+        ctr.elements.iter().fold(0, |hash, element| match *element {
+            CtrElement::CatValue { cat_feature } => {
+                // Sign-extended, as CatBoost widens its i32 hash.
+                let value = self.cat_at(rows, row, cat_feature).as_i32();
+                fold_hash(hash, i64::from(value) as u64)
+            }
+            CtrElement::FloatSplit {
+                float_feature,
+                border,
+            } => fold_hash(
+                hash,
+                u64::from(self.float_at(rows, row, float_feature) > border),
+            ),
+            CtrElement::CatEquals { cat_feature, value } => fold_hash(
+                hash,
+                u64::from(self.cat_at(rows, row, cat_feature).as_i32() == value),
+            ),
+        })
+    }
+
+    /// Fills `scratch.bits` column-major: `bits[b * n + row]` is binary feature `b` of row.
+    fn binarize(&self, rows: &[FeatureValue], n: usize, scratch: &mut RankerScratch) {
+        let RankerScratch {
+            bits,
+            ctr_values,
+            floats,
+            cats,
+            ..
+        } = scratch;
+        bits.clear();
+        bits.resize(self.binary.len() * n, 0);
+        let mut columns = bits.chunks_exact_mut(n.max(1));
+        for (feature, spec) in self.float_features.iter().enumerate() {
+            floats.clear();
+            floats.extend((0..n).map(|row| self.float_at(rows, row, feature)));
+            for &border in &spec.borders {
+                let column = columns.next().expect("one column per border");
+                for (bit, &x) in column.iter_mut().zip(floats.iter()) {
+                    *bit = u8::from(x > border);
+                }
+            }
+        }
+        for (feature, spec) in self.cat_features.iter().enumerate() {
+            cats.clear();
+            cats.extend((0..n).map(|row| self.cat_at(rows, row, feature).as_i32()));
+            for &value in &spec.one_hot_values {
+                let column = columns.next().expect("one column per one-hot value");
+                for (bit, &hash) in column.iter_mut().zip(cats.iter()) {
+                    *bit = u8::from(hash == value);
+                }
+            }
+        }
+        for ctr in &self.ctrs {
+            ctr_values.clear();
+            ctr_values.extend((0..n).map(|row| self.ctr_value(ctr, self.ctr_key(ctr, rows, row))));
+            for &border in &ctr.borders {
+                let column = columns.next().expect("one column per ctr border");
+                for (bit, &value) in column.iter_mut().zip(ctr_values.iter()) {
+                    *bit = u8::from(value > border);
+                }
+            }
+        }
+    }
+
+    /// Whether binary feature `index` holds for `row`, computed from the model's
+    /// descriptions directly: the reference the fast path is tested against.
+    #[cfg(test)]
+    fn binary_feature(&self, rows: &[FeatureValue], row: usize, index: usize) -> bool {
+        match self.binary[index] {
+            BinaryFeature::Float { feature, border } => self.float_at(rows, row, feature) > border,
+            BinaryFeature::OneHot { feature, value } => {
+                self.cat_at(rows, row, feature).as_i32() == value
+            }
+            BinaryFeature::Ctr { ctr, border } => {
+                let ctr = &self.ctrs[ctr];
+                self.ctr_value(ctr, self.ctr_key(ctr, rows, row)) > border
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
