@@ -216,8 +216,13 @@ fn minilm() -> Result<PathBuf> {
 }
 
 /// Python packages the tests use as outside referees (never the product): the official
-/// ONNX checker and onnxruntime. Installed once into a virtualenv in the cache folder.
-const REFEREE_PACKAGES: [&str; 3] = ["onnx==1.23.2", "onnxruntime==1.31.1", "numpy"];
+/// ONNX checker, onnxruntime and CatBoost. Installed once into a virtualenv in the cache folder.
+const REFEREE_PACKAGES: [&str; 4] = [
+    "onnx==1.23.2",
+    "onnxruntime==1.31.1",
+    "catboost==1.2.10",
+    "numpy",
+];
 
 /// The referee virtualenv's python, created and filled when missing.
 fn referee_python() -> Result<PathBuf> {
@@ -225,7 +230,7 @@ fn referee_python() -> Result<PathBuf> {
     let python = venv.join("bin").join("python");
     let ready = |python: &Path| {
         Command::new(python)
-            .args(["-c", "import onnx, onnxruntime, numpy"])
+            .args(["-c", "import onnx, onnxruntime, catboost, numpy"])
             .output()
             .is_ok_and(|out| out.status.success())
     };
