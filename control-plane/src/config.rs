@@ -99,8 +99,13 @@ pub struct RankerConfig {
     pub border_count: usize,
     /// Stop after this many rounds without improvement on validation.
     pub early_stopping_rounds: usize,
-    /// `Logloss` or `YetiRank`.
+    /// `Logloss` (labels 0/1) or `PairLogit` (pairs within a request).
     pub loss: String,
+    /// Categorical columns with at most this many distinct training values are one-hot;
+    /// the others become counter statistics (CTRs).
+    pub one_hot_max_size: usize,
+    /// Seed of the ordered statistics' permutation.
+    pub seed: u64,
 }
 
 impl Default for RankerConfig {
@@ -114,6 +119,8 @@ impl Default for RankerConfig {
             border_count: 254,
             early_stopping_rounds: 50,
             loss: "Logloss".to_owned(),
+            one_hot_max_size: 4,
+            seed: 42,
         }
     }
 }
@@ -266,10 +273,10 @@ impl RankerConfig {
             ));
         }
         match self.loss.as_str() {
-            "Logloss" | "YetiRank" => Ok(()),
+            "Logloss" | "PairLogit" => Ok(()),
             other => Err(ConfigError::new(
                 "loss",
-                format!("unknown loss {other:?}, expected Logloss or YetiRank"),
+                format!("unknown loss {other:?}, expected Logloss or PairLogit"),
             )),
         }
     }

@@ -15,6 +15,8 @@ pub mod movielens;
 pub mod onnx_export;
 pub mod parquet_io;
 pub mod progress;
+pub mod ranker_bench;
+pub mod ranker_train;
 pub mod shard_build;
 pub mod split;
 pub mod synthetic;

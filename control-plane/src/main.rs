@@ -79,6 +79,25 @@ struct TrainTwoTowerArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Time the edge's tree evaluator on a random model: all candidates in one call
+    /// against one call per candidate.
+    Ranker {
+        /// Trees in the model.
+        #[arg(long, default_value_t = 1_000)]
+        trees: usize,
+        /// Depth of each tree.
+        #[arg(long, default_value_t = 6)]
+        depth: usize,
+        /// Candidates scored per call.
+        #[arg(long, default_value_t = 200)]
+        candidates: usize,
+        /// Timed calls.
+        #[arg(long, default_value_t = 1_000)]
+        calls: usize,
+        /// Seed of the model and rows.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
     /// Build an HNSW shard of clustered unit vectors, then time searches at ef 64, 128,
     /// 256, 512 and the shard's calibrated default against exact search, with recall@100.
     Shard {
@@ -573,6 +592,22 @@ fn run(cli: Cli) -> Result<()> {
                 let json = serde_json::to_string_pretty(&comparison)?;
                 std::fs::write(&out, json).with_context(|| out.display().to_string())?;
             }
+        }
+        Command::Bench(BenchCommand::Ranker {
+            trees,
+            depth,
+            candidates,
+            calls,
+            seed,
+        }) => {
+            anyhow::ensure!(
+                trees > 0 && candidates > 0 && calls > 0 && (1..=16).contains(&depth),
+                "--trees, --candidates and --calls must be at least 1, --depth in 1..=16"
+            );
+            println!(
+                "{}",
+                control_plane::ranker_bench::bench_ranker(trees, depth, candidates, calls, seed)?
+            );
         }
         Command::Bench(BenchCommand::Shard {
             videos,

@@ -745,7 +745,8 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn of(mut samples: Vec<Duration>) -> Self {
+    /// The median and p99 of `samples`.
+    pub fn of(mut samples: Vec<Duration>) -> Self {
         samples.sort_unstable();
         let at = |q: f64| {
             let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len().max(1));

@@ -21,6 +21,7 @@
 
 mod catboost_json;
 mod cityhash;
+pub mod features;
 
 pub use catboost_json::ctr_identifier;
 
@@ -239,6 +240,14 @@ fn fold_hash(hash: u64, value: u64) -> u64 {
     MAGIC.wrapping_mul(hash.wrapping_add(MAGIC.wrapping_mul(value)))
 }
 
+/// The key of a CTR table entry for a combination of categorical values (in the CTR's
+/// element order), as CatBoost computes it.
+pub fn cat_ctr_key(values: &[CatValue]) -> u64 {
+    values.iter().fold(0, |hash, value| {
+        fold_hash(hash, i64::from(value.as_i32()) as u64)
+    })
+}
+
 impl RankerModel {
     /// Checks the parts against each other and derives the evaluator's tables. Every
     /// constructor goes through here, so a model that exists can evaluate any row of the
@@ -386,6 +395,30 @@ impl RankerModel {
             binary,
             width,
         })
+    }
+
+    /// The same features with other trees (a trainer builds the features first).
+    pub fn with_trees(self, trees: Vec<ObliviousTree>) -> Result<Self, Error> {
+        Self::new(
+            self.float_features,
+            self.cat_features,
+            self.ctrs,
+            self.ctr_tables,
+            trees,
+            self.scale,
+            self.bias,
+        )
+    }
+
+    /// The binary features of `rows`, column-major (`bits[b * n + row]`, 0 or 1), exactly
+    /// as the evaluator computes them: what a trainer validates against.
+    pub fn binary_features(&self, rows: &[FeatureValue]) -> Result<Vec<u8>, Error> {
+        let n = self.check_rows(rows)?;
+        let mut scratch = RankerScratch::default();
+        if n > 0 {
+            self.binarize(rows, n, &mut scratch);
+        }
+        Ok(scratch.bits)
     }
 
     /// The number of values an input row must have (the largest column index plus one).

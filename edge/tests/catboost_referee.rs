@@ -11,7 +11,7 @@ use std::process::Command;
 
 use edge::ranker::{
     CatFeature, CatValue, Ctr, CtrElement, CtrTable, CtrType, FeatureValue, FloatFeature,
-    NanTreatment, ObliviousTree, RankerModel, ctr_identifier,
+    NanTreatment, ObliviousTree, RankerModel, cat_ctr_key, ctr_identifier,
 };
 
 fn referee(script: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) {
@@ -144,12 +144,7 @@ fn random_model(rng: &mut Lcg) -> RankerModel {
             name: "city".into(),
         },
     ];
-    let city_key = |city: usize| {
-        let hash = CatValue::new(&format!("city_{city}")).as_i32();
-        // CatBoost's CalcHash(0, (u64)(i64)hash).
-        const MAGIC: u64 = 0x4906_ba49_4954_cb65;
-        MAGIC.wrapping_mul(MAGIC.wrapping_mul(i64::from(hash) as u64))
-    };
+    let city_key = |city: usize| cat_ctr_key(&[CatValue::new(&format!("city_{city}"))]);
     let single = vec![CtrElement::CatValue { cat_feature: 1 }];
     let borders_table = CtrTable {
         identifier: ctr_identifier(&single, CtrType::Borders),

@@ -1,0 +1,356 @@
+//! The ranker's input row, built by one function, [`ranker_features`], that the control
+//! plane calls to make training rows and the edge calls at serving: the two cannot drift
+//! apart.
+//!
+//! Columns ([`COLUMNS`]): the seed's categorical features (country, user language,
+//! category, child categories, video language, day of week, device), its numeric features
+//! (age z-score and bucket, log duration, log view/like/comment counts with like and
+//! comment per subscriber, log subscribers and their tier, hour of day on the unit
+//! circle), and the viewer-video features that make a second stage worth having: the
+//! two-tower score, the viewer's affinity to the video's category and channel, the
+//! video's age, and which retrieval query found it. Missing numbers are NaN (the model's
+//! NaN treatment decides); missing categories are the empty string.
+
+use std::collections::BTreeMap;
+
+use super::{CatValue, FeatureValue};
+use crate::Video;
+use crate::preprocess::{Preprocessor, day_of_week, hour_cyclical};
+
+/// Whether a column holds a number or a category.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnKind {
+    /// A float feature.
+    Float,
+    /// A categorical feature.
+    Categorical,
+}
+
+/// The ranker's columns in row order: name and kind.
+pub const COLUMNS: [(&str, ColumnKind); 24] = [
+    ("country", ColumnKind::Categorical),
+    ("user_language", ColumnKind::Categorical),
+    ("category", ColumnKind::Categorical),
+    ("child_categories", ColumnKind::Categorical),
+    ("video_language", ColumnKind::Categorical),
+    ("interaction_day", ColumnKind::Categorical),
+    ("device", ColumnKind::Categorical),
+    ("retrieval_source", ColumnKind::Categorical),
+    ("age", ColumnKind::Float),
+    ("age_bucket", ColumnKind::Float),
+    ("video_duration", ColumnKind::Float),
+    ("view_count", ColumnKind::Float),
+    ("like_count", ColumnKind::Float),
+    ("likes_per_subscriber", ColumnKind::Float),
+    ("comment_count", ColumnKind::Float),
+    ("comments_per_subscriber", ColumnKind::Float),
+    ("channel_subscribers", ColumnKind::Float),
+    ("subscriber_tier", ColumnKind::Float),
+    ("hour_sin", ColumnKind::Float),
+    ("hour_cos", ColumnKind::Float),
+    ("two_tower_score", ColumnKind::Float),
+    ("category_affinity", ColumnKind::Float),
+    ("channel_affinity", ColumnKind::Float),
+    ("video_age_days", ColumnKind::Float),
+];
+
+/// What the viewer watched before, reduced to what the affinity features need.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ViewerHistory {
+    categories: BTreeMap<String, u32>,
+    channels: BTreeMap<u64, u32>,
+    total: u32,
+}
+
+impl ViewerHistory {
+    /// From the category and channel of each video in the viewer's history.
+    pub fn new<'a>(videos: impl IntoIterator<Item = (&'a str, u64)>) -> Self {
+        let mut history = Self::default();
+        for (category, channel) in videos {
+            *history.categories.entry(category.to_owned()).or_default() += 1;
+            *history.channels.entry(channel).or_default() += 1;
+            history.total += 1;
+        }
+        history
+    }
+
+    /// Videos in the history.
+    pub fn len(&self) -> u32 {
+        self.total
+    }
+
+    /// Whether the viewer has no history.
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    fn share(&self, count: Option<&u32>) -> f32 {
+        if self.total == 0 {
+            f32::NAN
+        } else {
+            count.copied().unwrap_or(0) as f32 / self.total as f32
+        }
+    }
+}
+
+/// The viewer side of a request (or of a training example: the viewer then).
+#[derive(Debug, Clone, Copy)]
+pub struct ViewerContext<'a> {
+    /// Country code, if known.
+    pub country: Option<&'a str>,
+    /// Language, if known.
+    pub language: Option<&'a str>,
+    /// Age in years, if known.
+    pub age: Option<u8>,
+    /// Device class, if known.
+    pub device: Option<&'a str>,
+    /// Unix seconds of the request (the caller's clock; edge has none).
+    pub time: i64,
+    /// What the viewer watched before this request.
+    pub history: &'a ViewerHistory,
+}
+
+/// One candidate video of a request.
+#[derive(Debug, Clone, Copy)]
+pub struct CandidateContext<'a> {
+    /// The video.
+    pub video: &'a Video,
+    /// Its channel's subscribers (0 if unknown).
+    pub channel_subscribers: u64,
+    /// Inner product of the user and video embeddings.
+    pub two_tower_score: f32,
+    /// Which retrieval query found it, e.g. `personalized`, `category`, `popular`.
+    pub source: &'a str,
+}
+
+/// Appends the row of `candidate` for `viewer` to `out`: [`COLUMNS`], in order.
+pub fn ranker_features(
+    preprocessor: &Preprocessor,
+    viewer: &ViewerContext<'_>,
+    candidate: &CandidateContext<'_>,
+    out: &mut Vec<FeatureValue>,
+) {
+    let video = candidate.video;
+    let cat = |value: &str| FeatureValue::Cat(CatValue::new(value));
+    let float = FeatureValue::Float;
+    let or_nan = |value: Option<f32>| float(value.unwrap_or(f32::NAN));
+    let subscribers = candidate.channel_subscribers as f64;
+    let per_subscriber = |count: u64| float((count as f64 / subscribers.max(1.0)) as f32);
+    let [hour_sin, hour_cos] = hour_cyclical(viewer.time);
+    let age = viewer.age.map(f64::from);
+    let duration = (video.duration_seconds > 0).then_some(f64::from(video.duration_seconds));
+    out.extend([
+        cat(viewer.country.unwrap_or("")),
+        cat(viewer.language.unwrap_or("")),
+        cat(&video.category),
+        cat(&video.child_categories.join("|")),
+        cat(&video.language),
+        cat(&day_of_week(viewer.time).to_string()),
+        cat(viewer.device.unwrap_or("")),
+        cat(candidate.source),
+        or_nan(age.map(|a| preprocessor.age.scaled(a))),
+        or_nan(age.map(|a| preprocessor.age.bucket(a) as f32)),
+        or_nan(duration.map(|d| preprocessor.duration.scaled(d))),
+        float(preprocessor.view_count.apply(video.view_count as f64)),
+        float(preprocessor.like_count.apply(video.like_count as f64)),
+        per_subscriber(video.like_count),
+        float(preprocessor.comment_count.apply(video.comment_count as f64)),
+        per_subscriber(video.comment_count),
+        float(preprocessor.subscribers.scaled(subscribers)),
+        float(preprocessor.subscribers.bucket(subscribers) as f32),
+        float(hour_sin),
+        float(hour_cos),
+        float(candidate.two_tower_score),
+        float(
+            viewer
+                .history
+                .share(viewer.history.categories.get(video.category.as_str())),
+        ),
+        float(
+            viewer
+                .history
+                .share(viewer.history.channels.get(&video.channel_id)),
+        ),
+        or_nan(
+            video
+                .upload_time
+                .map(|upload| ((viewer.time - upload).max(0) as f64 / 86_400.0) as f32),
+        ),
+    ]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::preprocess::{FitInput, PreprocessConfig};
+    use crate::{Channel, ContentRating, EngagementRules, Interaction, InteractionType, User};
+
+    fn video(video_id: u64, category: &str, channel_id: u64) -> Video {
+        Video {
+            video_id,
+            title: format!("video {video_id}"),
+            category: category.into(),
+            child_categories: vec![format!("{category}/a"), format!("{category}/b")],
+            channel_id,
+            duration_seconds: 300,
+            tags: vec![],
+            language: "en".into(),
+            upload_time: Some(1_700_000_000),
+            view_count: 1000 * video_id,
+            like_count: 10 * video_id,
+            comment_count: video_id,
+            content_rating: ContentRating::General,
+            regions: vec![],
+        }
+    }
+
+    fn preprocessor(videos: &[Video]) -> Preprocessor {
+        let users = vec![User {
+            user_id: 1,
+            country: "US".into(),
+            language: "en".into(),
+            age: 30,
+            gender: None,
+            occupation: None,
+        }];
+        let channels = vec![
+            Channel {
+                channel_id: 7,
+                subscriber_count: 1000,
+            },
+            Channel {
+                channel_id: 8,
+                subscriber_count: 50,
+            },
+        ];
+        let train: Vec<Interaction> = videos
+            .iter()
+            .map(|v| Interaction {
+                user_id: 1,
+                video_id: v.video_id,
+                timestamp: 1_700_000_000,
+                interaction_type: InteractionType::Like,
+                watch_seconds: None,
+                device: "mobile".into(),
+            })
+            .collect();
+        Preprocessor::fit(
+            FitInput {
+                users: &users,
+                videos,
+                channels: &channels,
+                train: &train,
+            },
+            &PreprocessConfig::default(),
+            &EngagementRules::default(),
+        )
+        .unwrap()
+    }
+
+    fn value(row: &[FeatureValue], name: &str) -> FeatureValue {
+        row[COLUMNS.iter().position(|c| c.0 == name).unwrap()]
+    }
+
+    #[test]
+    fn a_row_has_every_column_in_order_and_kind() {
+        let videos = vec![
+            video(1, "music", 7),
+            video(2, "news", 8),
+            video(3, "music", 7),
+        ];
+        let pre = preprocessor(&videos);
+        let history = ViewerHistory::new([("music", 7), ("music", 7), ("news", 8), ("sport", 9)]);
+        let viewer = ViewerContext {
+            country: Some("US"),
+            language: Some("en"),
+            age: Some(30),
+            device: Some("mobile"),
+            // Ten days after the upload.
+            time: 1_700_000_000 + 10 * 86_400,
+            history: &history,
+        };
+        let candidate = CandidateContext {
+            video: &videos[0],
+            channel_subscribers: 1000,
+            two_tower_score: 0.75,
+            source: "personalized",
+        };
+        let mut row = Vec::new();
+        ranker_features(&pre, &viewer, &candidate, &mut row);
+        assert_eq!(row.len(), COLUMNS.len());
+        for (value, (name, kind)) in row.iter().zip(COLUMNS) {
+            let fits = matches!(
+                (value, kind),
+                (FeatureValue::Float(_), ColumnKind::Float)
+                    | (FeatureValue::Cat(_), ColumnKind::Categorical)
+            );
+            assert!(fits, "{name}: {value:?} is not {kind:?}");
+        }
+        assert_eq!(
+            value(&row, "category"),
+            FeatureValue::Cat(CatValue::new("music"))
+        );
+        assert_eq!(
+            value(&row, "child_categories"),
+            FeatureValue::Cat(CatValue::new("music/a|music/b"))
+        );
+        assert_eq!(value(&row, "two_tower_score"), FeatureValue::Float(0.75));
+        assert_eq!(value(&row, "category_affinity"), FeatureValue::Float(0.5));
+        assert_eq!(value(&row, "channel_affinity"), FeatureValue::Float(0.5));
+        assert_eq!(value(&row, "video_age_days"), FeatureValue::Float(10.0));
+        assert_eq!(
+            value(&row, "likes_per_subscriber"),
+            FeatureValue::Float(0.01)
+        );
+        let mut again = Vec::new();
+        ranker_features(&pre, &viewer, &candidate, &mut again);
+        assert_eq!(
+            format!("{row:?}"),
+            format!("{again:?}"),
+            "the same inputs give the same row"
+        );
+    }
+
+    #[test]
+    fn an_anonymous_viewer_and_unknown_facts_are_missing_not_errors() {
+        let mut unknown = video(4, "music", 99);
+        unknown.duration_seconds = 0;
+        unknown.upload_time = None;
+        let pre = preprocessor(std::slice::from_ref(&unknown));
+        let history = ViewerHistory::default();
+        let viewer = ViewerContext {
+            country: None,
+            language: None,
+            age: None,
+            device: None,
+            time: 0,
+            history: &history,
+        };
+        let candidate = CandidateContext {
+            video: &unknown,
+            channel_subscribers: 0,
+            two_tower_score: 0.0,
+            source: "popular",
+        };
+        let mut row = Vec::new();
+        ranker_features(&pre, &viewer, &candidate, &mut row);
+        for name in [
+            "age",
+            "age_bucket",
+            "video_duration",
+            "category_affinity",
+            "channel_affinity",
+            "video_age_days",
+        ] {
+            assert!(
+                matches!(value(&row, name), FeatureValue::Float(x) if x.is_nan()),
+                "{name} should be missing"
+            );
+        }
+        assert_eq!(value(&row, "country"), FeatureValue::Cat(CatValue::new("")));
+        assert!(row.iter().all(|v| match v {
+            FeatureValue::Float(x) => !x.is_infinite(),
+            FeatureValue::Cat(_) => true,
+        }));
+    }
+}
