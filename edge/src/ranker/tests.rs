@@ -278,3 +278,31 @@ fn rows_that_do_not_fit_the_model_are_refused() {
     assert!(message.contains("row 0, column 1"), "{message}");
     assert_eq!(model.predict(&[]).unwrap(), Vec::<f64>::new());
 }
+
+#[test]
+fn deep_trees_take_the_wide_leaf_path_and_agree_with_the_walk() {
+    let base = RankerModel::from_catboost_json(fixture!("cat_logloss.json")).unwrap();
+    let binary = base.binary.len() as u64;
+    let mut state = 7_u64;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        state >> 33
+    };
+    let trees = (0..40)
+        .map(|_| ObliviousTree {
+            splits: (0..10).map(|_| (next() % binary) as u32).collect(),
+            leaf_values: (0..1 << 10).map(|_| next() as f64 / 1e10).collect(),
+        })
+        .collect();
+    let deep = base.with_trees(trees).unwrap();
+    assert_eq!(deep.max_depth, 10);
+    let (rows, _) = rows_of(&deep, fixture!("cat_logloss.csv"));
+    let fast = deep.predict(&rows).unwrap();
+    let walked = reference_walk(&deep, &rows);
+    assert_eq!(
+        fast.iter().map(|p| p.to_bits()).collect::<Vec<_>>(),
+        walked.iter().map(|p| p.to_bits()).collect::<Vec<_>>()
+    );
+}
