@@ -336,7 +336,7 @@ fn demo() -> Result<()> {
         &title_model,
     ])?;
     println!(
-        "\ndemo data in {}\n(the ONNX export, the shard, the ranker, bundles, the host and the browser demo are not built yet: see the open issues)",
+        "\ndemo data in {}\n(the ranker's training rows, bundles, the wasm module, the host and the browser demo are not built yet: see the open issues)",
         out.display()
     );
     Ok(())
