@@ -2,28 +2,18 @@
 //! test`): the floors any learned retriever must clear, pinned so a regression in the
 //! metrics or the split shows up here first.
 
-use std::path::PathBuf;
+mod common;
 
 use control_plane::eval::{EvalSet, ItemKnn, MostPopular, Part, evaluate, training_histories};
-use control_plane::movielens;
-use control_plane::split::{SplitConfig, split};
-use edge::EngagementRules;
 
 #[test]
 fn movielens_baselines_leave_last_one_out() {
-    let dir = PathBuf::from(
-        std::env::var_os("EDGEREC_ML100K")
-            .expect("EDGEREC_ML100K is not set: run `cargo xtask test`"),
-    );
-    let dataset = movielens::import(&dir).unwrap();
-    let rules = EngagementRules::default();
-    let parts = split(
-        &dataset.interactions,
-        &dataset.videos,
-        &rules,
-        &SplitConfig::default(),
-    )
-    .unwrap();
+    let common::Prepared {
+        dataset,
+        rules,
+        parts,
+        ..
+    } = common::movielens();
     let set = EvalSet::new(&parts, &dataset.videos, &rules, Part::Test);
     assert_eq!(set.users.len(), 943, "every user has a held-out positive");
     assert_eq!(set.catalogue.len(), 1682);

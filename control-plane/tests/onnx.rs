@@ -2,6 +2,8 @@
 //! `onnxruntime` (outside referees, from `EDGEREC_REFEREE_PYTHON`, which `cargo xtask test`
 //! sets up) load it and compute what candle computes.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
@@ -9,11 +11,8 @@ use control_plane::config::TwoTowerConfig;
 use control_plane::data::Dataset;
 use control_plane::eval::positives_by_user;
 use control_plane::onnx_export::export_user_tower;
-use control_plane::split::{SplitConfig, split};
 use control_plane::synthetic::{GeneratorConfig, generate};
 use control_plane::two_tower::{TrainingData, train};
-use edge::EngagementRules;
-use edge::preprocess::{FitInput, PreprocessConfig, Preprocessor};
 use edge::tower::{Viewer, encode_user};
 use tract_onnx::prelude::*;
 
@@ -40,26 +39,12 @@ fn build_fixture() -> Fixture {
         ..GeneratorConfig::default()
     };
     generate(&generator, dir.path(), false).unwrap();
-    let dataset = Dataset::load(dir.path()).unwrap();
-    let rules = EngagementRules::default();
-    let parts = split(
-        &dataset.interactions,
-        &dataset.videos,
-        &rules,
-        &SplitConfig::default(),
-    )
-    .unwrap();
-    let preprocessor = Preprocessor::fit(
-        FitInput {
-            users: &dataset.users,
-            videos: &dataset.videos,
-            channels: &dataset.channels,
-            train: &parts.train,
-        },
-        &PreprocessConfig::default(),
-        &rules,
-    )
-    .unwrap();
+    let common::Prepared {
+        dataset,
+        rules,
+        parts,
+        preprocessor,
+    } = common::prepare(Dataset::load(dir.path()).unwrap());
     let data = TrainingData {
         preprocessor: &preprocessor,
         videos: &dataset.videos,

@@ -1,46 +1,27 @@
 //! The two-tower model on MovieLens-100k (from `EDGEREC_ML100K`, set by `cargo xtask test`):
 //! it must beat the baselines by the margins on the held-out test positives.
 
+mod common;
+
 use std::collections::HashSet;
-use std::path::PathBuf;
 
 use control_plane::config::TwoTowerConfig;
 use control_plane::eval::{EvalSet, ItemKnn, MostPopular, Part, evaluate, training_histories};
 use control_plane::movielens;
 use control_plane::shard_build::{ShardConfig, build_shard};
-use control_plane::split::{SplitConfig, split};
 use control_plane::title_encoder::TitleEncoder;
 use control_plane::two_tower::{TrainError, TrainedRetriever, TrainingData, train};
-use edge::preprocess::{FitInput, PreprocessConfig, Preprocessor};
+use edge::InteractionType;
 use edge::shard::Shard;
-use edge::{EngagementRules, InteractionType};
 
 #[test]
 fn two_tower_beats_the_baselines_on_movielens() {
-    let dir = PathBuf::from(
-        std::env::var_os("EDGEREC_ML100K")
-            .expect("EDGEREC_ML100K is not set: run `cargo xtask test`"),
-    );
-    let dataset = movielens::import(&dir).unwrap();
-    let rules = EngagementRules::default();
-    let parts = split(
-        &dataset.interactions,
-        &dataset.videos,
-        &rules,
-        &SplitConfig::default(),
-    )
-    .unwrap();
-    let preprocessor = Preprocessor::fit(
-        FitInput {
-            users: &dataset.users,
-            videos: &dataset.videos,
-            channels: &dataset.channels,
-            train: &parts.train,
-        },
-        &PreprocessConfig::default(),
-        &rules,
-    )
-    .unwrap();
+    let common::Prepared {
+        dataset,
+        rules,
+        parts,
+        preprocessor,
+    } = common::movielens();
     let data = TrainingData {
         preprocessor: &preprocessor,
         videos: &dataset.videos,
@@ -100,34 +81,13 @@ fn two_tower_beats_the_baselines_on_movielens() {
 
 #[test]
 fn with_minilm_titles_and_extra_negatives_it_still_beats_the_baselines() {
-    let dir = PathBuf::from(
-        std::env::var_os("EDGEREC_ML100K")
-            .expect("EDGEREC_ML100K is not set: run `cargo xtask test`"),
-    );
-    let title_model = PathBuf::from(
-        std::env::var_os("EDGEREC_TITLE_MODEL")
-            .expect("EDGEREC_TITLE_MODEL is not set: run `cargo xtask test`"),
-    );
-    let dataset = movielens::import(&dir).unwrap();
-    let rules = EngagementRules::default();
-    let parts = split(
-        &dataset.interactions,
-        &dataset.videos,
-        &rules,
-        &SplitConfig::default(),
-    )
-    .unwrap();
-    let preprocessor = Preprocessor::fit(
-        FitInput {
-            users: &dataset.users,
-            videos: &dataset.videos,
-            channels: &dataset.channels,
-            train: &parts.train,
-        },
-        &PreprocessConfig::default(),
-        &rules,
-    )
-    .unwrap();
+    let title_model = common::title_model_dir();
+    let common::Prepared {
+        dataset,
+        rules,
+        parts,
+        preprocessor,
+    } = common::movielens();
     let titles: Vec<&str> = dataset.videos.iter().map(|v| v.title.as_str()).collect();
     let title_vectors = TitleEncoder::load(&title_model)
         .unwrap()
@@ -180,33 +140,16 @@ fn with_minilm_titles_and_extra_negatives_it_still_beats_the_baselines() {
 
 #[test]
 fn a_split_without_positives_is_refused() {
-    let dir = PathBuf::from(
-        std::env::var_os("EDGEREC_ML100K")
-            .expect("EDGEREC_ML100K is not set: run `cargo xtask test`"),
-    );
-    let mut dataset = movielens::import(&dir).unwrap();
+    let mut dataset = movielens::import(&common::movielens_dir()).unwrap();
     for interaction in &mut dataset.interactions {
         interaction.interaction_type = InteractionType::Impression;
     }
-    let rules = EngagementRules::default();
-    let parts = split(
-        &dataset.interactions,
-        &dataset.videos,
-        &rules,
-        &SplitConfig::default(),
-    )
-    .unwrap();
-    let preprocessor = Preprocessor::fit(
-        FitInput {
-            users: &dataset.users,
-            videos: &dataset.videos,
-            channels: &dataset.channels,
-            train: &parts.train,
-        },
-        &PreprocessConfig::default(),
-        &rules,
-    )
-    .unwrap();
+    let common::Prepared {
+        dataset,
+        rules,
+        parts,
+        preprocessor,
+    } = common::prepare(dataset);
     let data = TrainingData {
         preprocessor: &preprocessor,
         videos: &dataset.videos,
