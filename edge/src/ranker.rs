@@ -218,6 +218,16 @@ pub struct RankerModel {
     width: usize,
     ctr_index: Vec<CtrIndex>,
     max_depth: usize,
+    sources: Vec<SplitSource>,
+    bin_columns: usize,
+}
+
+/// Where binary feature `b` comes from in the quantized rows: it holds when the row's
+/// value in bin column `column` is above `threshold`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct SplitSource {
+    column: u32,
+    threshold: u16,
 }
 
 /// A CTR table as sorted keys and their counts side by side: a binary search over
@@ -248,11 +258,9 @@ impl CtrIndex {
 /// Reusable working memory for [`RankerModel::predict_with`].
 #[derive(Debug, Default, Clone)]
 pub struct RankerScratch {
-    bits: Vec<u8>,
+    bins: Vec<u16>,
     leaves: Vec<u32>,
     small_leaves: Vec<u8>,
-    ctr_values: Vec<f32>,
-    floats: Vec<f32>,
     cats: Vec<i32>,
 }
 
@@ -413,6 +421,45 @@ impl RankerModel {
         }
         let width = columns.keys().next_back().map_or(0, |&last| last + 1);
         let ctr_index = ctr_tables.iter().map(CtrIndex::of).collect();
+        // Bin columns: one per float feature, one per one-hot value, one per CTR, in the
+        // binary features' order.
+        let mut sources = Vec::with_capacity(binary.len());
+        let mut bin_columns = 0u32;
+        for feature in &float_features {
+            if feature.borders.len() > usize::from(u16::MAX) {
+                return Err(invalid(format!(
+                    "a float feature has {} borders, at most 65535 are supported",
+                    feature.borders.len()
+                )));
+            }
+            sources.extend((0..feature.borders.len()).map(|k| SplitSource {
+                column: bin_columns,
+                threshold: k as u16,
+            }));
+            bin_columns += 1;
+        }
+        for feature in &cat_features {
+            for _ in &feature.one_hot_values {
+                sources.push(SplitSource {
+                    column: bin_columns,
+                    threshold: 0,
+                });
+                bin_columns += 1;
+            }
+        }
+        for ctr in &ctrs {
+            if ctr.borders.len() > usize::from(u16::MAX) {
+                return Err(invalid(format!(
+                    "a ctr has {} borders, at most 65535 are supported",
+                    ctr.borders.len()
+                )));
+            }
+            sources.extend((0..ctr.borders.len()).map(|k| SplitSource {
+                column: bin_columns,
+                threshold: k as u16,
+            }));
+            bin_columns += 1;
+        }
         let max_depth = trees.iter().map(|t| t.splits.len()).max().unwrap_or(0);
         Ok(Self {
             float_features,
@@ -426,6 +473,8 @@ impl RankerModel {
             width,
             ctr_index,
             max_depth,
+            sources,
+            bin_columns: bin_columns as usize,
         })
     }
 
@@ -447,10 +496,20 @@ impl RankerModel {
     pub fn binary_features(&self, rows: &[FeatureValue]) -> Result<Vec<u8>, Error> {
         let n = self.check_rows(rows)?;
         let mut scratch = RankerScratch::default();
-        if n > 0 {
-            self.binarize(rows, n, &mut scratch);
+        if n == 0 {
+            return Ok(Vec::new());
         }
-        Ok(scratch.bits)
+        self.quantize(rows, n, &mut scratch);
+        let mut bits = Vec::with_capacity(self.sources.len() * n);
+        for source in &self.sources {
+            let start = source.column as usize * n;
+            bits.extend(
+                scratch.bins[start..start + n]
+                    .iter()
+                    .map(|&bin| u8::from(bin > source.threshold)),
+            );
+        }
+        Ok(bits)
     }
 
     /// The number of values an input row must have (the largest column index plus one).
@@ -480,25 +539,29 @@ impl RankerModel {
         if n == 0 {
             return Ok(());
         }
-        self.binarize(rows, n, scratch);
+        self.quantize(rows, n, scratch);
         let RankerScratch {
-            bits,
+            bins,
             leaves,
             small_leaves,
             ..
         } = scratch;
         let mut sums = vec![0.0_f64; n];
-        let column = |split: u32| &bits[split as usize * n..(split as usize + 1) * n];
+        let source = |split: u32| {
+            let source = self.sources[split as usize];
+            let start = source.column as usize * n;
+            (&bins[start..start + n], source.threshold)
+        };
         if self.max_depth <= 8 {
-            // Byte-wide leaf indices: sixteen candidates per SIMD lane group instead of
-            // four, which is most of the tree walk's time.
+            // Byte-wide leaf indices: more candidates per SIMD operation than u32 ones.
             small_leaves.clear();
             small_leaves.resize(n, 0);
             for tree in &self.trees {
                 small_leaves.fill(0);
                 for (level, &split) in tree.splits.iter().enumerate() {
-                    for (leaf, &bit) in small_leaves.iter_mut().zip(column(split)) {
-                        *leaf |= bit << level;
+                    let (column, threshold) = source(split);
+                    for (leaf, &bin) in small_leaves.iter_mut().zip(column) {
+                        *leaf |= u8::from(bin > threshold) << level;
                     }
                 }
                 for (sum, &leaf) in sums.iter_mut().zip(small_leaves.iter()) {
@@ -511,8 +574,9 @@ impl RankerModel {
             for tree in &self.trees {
                 leaves.fill(0);
                 for (level, &split) in tree.splits.iter().enumerate() {
-                    for (leaf, &bit) in leaves.iter_mut().zip(column(split)) {
-                        *leaf |= u32::from(bit) << level;
+                    let (column, threshold) = source(split);
+                    for (leaf, &bin) in leaves.iter_mut().zip(column) {
+                        *leaf |= u32::from(bin > threshold) << level;
                     }
                 }
                 for (sum, &leaf) in sums.iter_mut().zip(leaves.iter()) {
@@ -629,46 +693,39 @@ impl RankerModel {
         })
     }
 
-    /// Fills `scratch.bits` column-major: `bits[b * n + row]` is binary feature `b` of row.
-    fn binarize(&self, rows: &[FeatureValue], n: usize, scratch: &mut RankerScratch) {
-        let RankerScratch {
-            bits,
-            ctr_values,
-            floats,
-            cats,
-            ..
-        } = scratch;
-        bits.clear();
-        bits.resize(self.binary.len() * n, 0);
-        let mut columns = bits.chunks_exact_mut(n.max(1));
+    /// Fills `scratch.bins` column-major with one quantized value per bin column and row
+    /// (`bins[column * n + row]`): for a float or CTR column the number of its borders
+    /// below the value, for a one-hot column 1 if the category matches. Binary feature `b`
+    /// of a row is then `bins[source.column] > source.threshold` (see `SplitSource`):
+    /// quantizing once per column costs a binary search per value instead of a pass per
+    /// border.
+    fn quantize(&self, rows: &[FeatureValue], n: usize, scratch: &mut RankerScratch) {
+        let RankerScratch { bins, cats, .. } = scratch;
+        bins.clear();
+        bins.resize(self.bin_columns * n, 0);
+        let mut columns = bins.chunks_exact_mut(n.max(1));
         for (feature, spec) in self.float_features.iter().enumerate() {
-            floats.clear();
-            floats.extend((0..n).map(|row| self.float_at(rows, row, feature)));
-            for &border in &spec.borders {
-                let column = columns.next().expect("one column per border");
-                for (bit, &x) in column.iter_mut().zip(floats.iter()) {
-                    *bit = u8::from(x > border);
-                }
+            let column = columns.next().expect("one bin column per float feature");
+            for (row, bin) in column.iter_mut().enumerate() {
+                let x = self.float_at(rows, row, feature);
+                *bin = spec.borders.partition_point(|&border| x > border) as u16;
             }
         }
         for (feature, spec) in self.cat_features.iter().enumerate() {
             cats.clear();
             cats.extend((0..n).map(|row| self.cat_at(rows, row, feature).as_i32()));
             for &value in &spec.one_hot_values {
-                let column = columns.next().expect("one column per one-hot value");
-                for (bit, &hash) in column.iter_mut().zip(cats.iter()) {
-                    *bit = u8::from(hash == value);
+                let column = columns.next().expect("one bin column per one-hot value");
+                for (bin, &hash) in column.iter_mut().zip(cats.iter()) {
+                    *bin = u16::from(hash == value);
                 }
             }
         }
         for ctr in &self.ctrs {
-            ctr_values.clear();
-            ctr_values.extend((0..n).map(|row| self.ctr_value(ctr, self.ctr_key(ctr, rows, row))));
-            for &border in &ctr.borders {
-                let column = columns.next().expect("one column per ctr border");
-                for (bit, &value) in column.iter_mut().zip(ctr_values.iter()) {
-                    *bit = u8::from(value > border);
-                }
+            let column = columns.next().expect("one bin column per ctr");
+            for (row, bin) in column.iter_mut().enumerate() {
+                let value = self.ctr_value(ctr, self.ctr_key(ctr, rows, row));
+                *bin = ctr.borders.partition_point(|&border| value > border) as u16;
             }
         }
     }
