@@ -230,6 +230,35 @@ struct SplitSource {
     threshold: u16,
 }
 
+impl SplitSource {
+    /// The sources of a new bin column's `borders` binary features (border `k` holds when
+    /// more than `k` borders lie below the value), advancing the column count.
+    fn borders(columns: &mut u32, borders: usize) -> impl Iterator<Item = Self> {
+        let column = *columns;
+        *columns += 1;
+        (0..borders).map(move |k| Self {
+            column,
+            threshold: k as u16,
+        })
+    }
+}
+
+/// Borders must be strictly ascending numbers, and few enough for a u16 bin index.
+fn check_borders(borders: &[f32], part: &str) -> Result<(), Error> {
+    if !borders.is_sorted_by(|a, b| a < b) || borders.iter().any(|b| b.is_nan()) {
+        return Err(invalid(format!(
+            "{part}.borders are not strictly ascending numbers"
+        )));
+    }
+    if borders.len() > usize::from(u16::MAX) {
+        return Err(invalid(format!(
+            "{part} has {} borders, at most 65535 are supported",
+            borders.len()
+        )));
+    }
+    Ok(())
+}
+
 /// A CTR table as sorted keys and their counts side by side: a binary search over
 /// contiguous keys is faster than a tree walk, and serving looks up every CTR of every
 /// candidate.
@@ -303,7 +332,11 @@ impl RankerModel {
             )));
         }
         let mut columns = BTreeMap::new();
+        // Each binary feature, and where the evaluator finds it: one bin column per float
+        // feature, per one-hot value and per CTR, in the same order.
         let mut binary = Vec::new();
+        let mut sources = Vec::new();
+        let mut bin_columns = 0u32;
         for (index, feature) in float_features.iter().enumerate() {
             if let Some(other) = columns.insert(feature.flat_index, ("float", index)) {
                 return Err(invalid(format!(
@@ -311,17 +344,15 @@ impl RankerModel {
                     feature.flat_index, other.0, other.1
                 )));
             }
-            if !feature.borders.is_sorted_by(|a, b| a < b)
-                || feature.borders.iter().any(|b| b.is_nan())
-            {
-                return Err(invalid(format!(
-                    "float_features[{index}].borders are not strictly ascending numbers"
-                )));
-            }
+            check_borders(&feature.borders, &format!("float_features[{index}]"))?;
             binary.extend(feature.borders.iter().map(|&border| BinaryFeature::Float {
                 feature: index,
                 border,
             }));
+            sources.extend(SplitSource::borders(
+                &mut bin_columns,
+                feature.borders.len(),
+            ));
         }
         for (index, feature) in cat_features.iter().enumerate() {
             if let Some(other) = columns.insert(feature.flat_index, ("categorical", index)) {
@@ -339,6 +370,9 @@ impl RankerModel {
                         value,
                     }),
             );
+            for _ in &feature.one_hot_values {
+                sources.extend(SplitSource::borders(&mut bin_columns, 1));
+            }
         }
         for (index, ctr) in ctrs.iter().enumerate() {
             let table = ctr_tables
@@ -371,16 +405,13 @@ impl RankerModel {
                     table.identifier, table.width, classes_needed
                 )));
             }
-            if !ctr.borders.is_sorted_by(|a, b| a < b) || ctr.borders.iter().any(|b| b.is_nan()) {
-                return Err(invalid(format!(
-                    "ctrs[{index}].borders are not strictly ascending numbers"
-                )));
-            }
+            check_borders(&ctr.borders, &format!("ctrs[{index}]"))?;
             binary.extend(
                 ctr.borders
                     .iter()
                     .map(|&border| BinaryFeature::Ctr { ctr: index, border }),
             );
+            sources.extend(SplitSource::borders(&mut bin_columns, ctr.borders.len()));
         }
         for (index, table) in ctr_tables.iter().enumerate() {
             if let Some((key, counts)) = table.counts.iter().find(|(_, c)| c.len() != table.width) {
@@ -421,45 +452,6 @@ impl RankerModel {
         }
         let width = columns.keys().next_back().map_or(0, |&last| last + 1);
         let ctr_index = ctr_tables.iter().map(CtrIndex::of).collect();
-        // Bin columns: one per float feature, one per one-hot value, one per CTR, in the
-        // binary features' order.
-        let mut sources = Vec::with_capacity(binary.len());
-        let mut bin_columns = 0u32;
-        for feature in &float_features {
-            if feature.borders.len() > usize::from(u16::MAX) {
-                return Err(invalid(format!(
-                    "a float feature has {} borders, at most 65535 are supported",
-                    feature.borders.len()
-                )));
-            }
-            sources.extend((0..feature.borders.len()).map(|k| SplitSource {
-                column: bin_columns,
-                threshold: k as u16,
-            }));
-            bin_columns += 1;
-        }
-        for feature in &cat_features {
-            for _ in &feature.one_hot_values {
-                sources.push(SplitSource {
-                    column: bin_columns,
-                    threshold: 0,
-                });
-                bin_columns += 1;
-            }
-        }
-        for ctr in &ctrs {
-            if ctr.borders.len() > usize::from(u16::MAX) {
-                return Err(invalid(format!(
-                    "a ctr has {} borders, at most 65535 are supported",
-                    ctr.borders.len()
-                )));
-            }
-            sources.extend((0..ctr.borders.len()).map(|k| SplitSource {
-                column: bin_columns,
-                threshold: k as u16,
-            }));
-            bin_columns += 1;
-        }
         let max_depth = trees.iter().map(|t| t.splits.len()).max().unwrap_or(0);
         Ok(Self {
             float_features,
@@ -590,7 +582,7 @@ impl RankerModel {
 
     fn check_rows(&self, rows: &[FeatureValue]) -> Result<usize, Error> {
         if self.width == 0 {
-            // A model without features is a constant: any row count is "rows of width 0".
+            // Without input columns there is no row shape to split the values by.
             return Err(invalid("a model without input columns cannot split rows"));
         }
         if !rows.len().is_multiple_of(self.width) {
