@@ -339,19 +339,16 @@ pub fn build_shard(
             time: Duration::ZERO,
         },
         None => {
+            let shard = Shard::open(bytes)?;
             let calibration = calibrate(
-                &bytes,
+                &shard,
                 ids,
                 vectors,
                 dim,
                 calibration_queries,
                 config.target_recall,
             )?;
-            if calibration.ef != first_ef {
-                bytes = ShardWriter::new(dim)
-                    .search_ef(calibration.ef)
-                    .write(ids, vectors, &graph)?;
-            }
+            bytes = shard.with_search_ef(calibration.ef)?.into_bytes();
             calibration
         }
     };
@@ -376,7 +373,7 @@ pub fn build_shard(
 /// Measures recall@100 against exact f32 search up [`EF_LADDER`] and keeps the first
 /// width that reaches `target`.
 fn calibrate(
-    bytes: &[u8],
+    shard: &Shard,
     ids: &[u64],
     vectors: &[f32],
     dim: usize,
@@ -384,7 +381,6 @@ fn calibrate(
     target: f64,
 ) -> Result<Calibration, ShardBuildError> {
     let started = Instant::now();
-    let shard = Shard::open(bytes.to_vec())?;
     let from_catalogue = queries.is_empty();
     let sampled: Vec<f32>;
     let queries = if from_catalogue {

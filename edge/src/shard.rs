@@ -74,6 +74,8 @@ pub const SHARD_MAGIC: [u8; 8] = *b"EDGESHRD";
 pub const SHARD_FORMAT_VERSION: u32 = 1;
 /// The beam width used when neither the shard nor the query names one.
 pub const DEFAULT_EF: usize = 128;
+/// Offset of the default beam width in the header.
+const SEARCH_EF_AT: usize = 28;
 /// The largest point count: list heads are stored as an i32 difference between two points.
 pub const MAX_POINTS: usize = i32::MAX as usize;
 
@@ -175,6 +177,28 @@ impl Shard {
     /// [`DEFAULT_EF`].
     pub fn search_ef(&self) -> usize {
         self.search_ef
+    }
+
+    /// The same shard with another default beam width, written into its header (and the
+    /// checksum resealed), so that a width chosen by measuring the shard costs no rewrite.
+    /// Fails only for a width of 0 or above `u32::MAX`.
+    pub fn with_search_ef(mut self, ef: usize) -> Result<Self, Error> {
+        let stored = u32::try_from(ef).ok().filter(|&ef| ef > 0).ok_or_else(|| {
+            Error::InvalidShardInput {
+                reason: format!("search ef must be in 1..=u32::MAX, got {ef}"),
+            }
+        })?;
+        self.bytes[SEARCH_EF_AT..SEARCH_EF_AT + 4].copy_from_slice(&stored.to_le_bytes());
+        let body = self.bytes.len() - 8;
+        let checksum = xxh3_64(&self.bytes[..body]);
+        self.bytes[body..].copy_from_slice(&checksum.to_le_bytes());
+        self.search_ef = ef;
+        Ok(self)
+    }
+
+    /// The shard's bytes, as `Shard::open` accepts them.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
     }
 
     /// The dequantized vector of the video at storage position `position`, or `None` past
@@ -644,7 +668,7 @@ impl Parsed {
         let count = header(16) as usize;
         let layer_count = header(20) as usize;
         let entry_point = header(24);
-        let search_ef = match header(28) {
+        let search_ef = match header(SEARCH_EF_AT) {
             0 => DEFAULT_EF,
             ef => ef as usize,
         };

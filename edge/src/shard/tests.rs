@@ -196,6 +196,25 @@ fn default_ef_applies_when_the_writer_sets_none() {
 }
 
 #[test]
+fn a_new_default_ef_is_written_in_place_and_reopens() {
+    let f = fixture(20, 4, 2);
+    let bytes = write(&f);
+    let shard = Shard::open(bytes.clone())
+        .unwrap()
+        .with_search_ef(321)
+        .unwrap();
+    assert_eq!(shard.search_ef(), 321);
+    let changed = shard.into_bytes();
+    assert_eq!(changed.len(), bytes.len());
+    let reopened = Shard::open(changed).unwrap();
+    assert_eq!(reopened.search_ef(), 321);
+    assert!(matches!(
+        reopened.with_search_ef(0),
+        Err(Error::InvalidShardInput { .. })
+    ));
+}
+
+#[test]
 fn own_vector_finds_itself_first() {
     let f = fixture(400, 16, 3);
     let shard = Shard::open(write(&f)).unwrap();
