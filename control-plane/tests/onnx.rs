@@ -12,7 +12,7 @@ use control_plane::data::Dataset;
 use control_plane::eval::positives_by_user;
 use control_plane::onnx_export::export_user_tower;
 use control_plane::synthetic::{GeneratorConfig, generate};
-use control_plane::two_tower::{TrainingData, train};
+use control_plane::two_tower::train;
 use edge::tower::{Viewer, encode_user};
 use tract_onnx::prelude::*;
 
@@ -39,20 +39,14 @@ fn build_fixture() -> Fixture {
         ..GeneratorConfig::default()
     };
     generate(&generator, dir.path(), false).unwrap();
+    let prepared = common::prepare(Dataset::load(dir.path()).unwrap());
+    let data = prepared.training_data(None);
     let common::Prepared {
         dataset,
         rules,
         parts,
         preprocessor,
-    } = common::prepare(Dataset::load(dir.path()).unwrap());
-    let data = TrainingData {
-        preprocessor: &preprocessor,
-        videos: &dataset.videos,
-        users: &dataset.users,
-        split: &parts,
-        rules: &rules,
-        title_vectors: None,
-    };
+    } = &prepared;
     let config = TwoTowerConfig {
         epochs: 1,
         ..TwoTowerConfig::default()
@@ -72,7 +66,7 @@ fn build_fixture() -> Fixture {
         .iter()
         .map(|v| (v.video_id, v.category.as_str()))
         .collect();
-    let histories = positives_by_user(&parts.train, &durations, &rules);
+    let histories = positives_by_user(&parts.train, &durations, rules);
     let mut inputs: Vec<_> = dataset
         .users
         .iter()
@@ -85,13 +79,13 @@ fn build_fixture() -> Fixture {
                 age: Some(u.age),
             };
             let history = histories.get(&u.user_id).map(Vec::as_slice).unwrap_or(&[]);
-            encode_user(&preprocessor, &model.spec, &viewer, history, |v| {
+            encode_user(preprocessor, &model.spec, &viewer, history, |v| {
                 categories.get(&v).copied()
             })
         })
         .collect();
     inputs.push(encode_user(
-        &preprocessor,
+        preprocessor,
         &model.spec,
         &Viewer::default(),
         &[],

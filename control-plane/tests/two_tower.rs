@@ -16,20 +16,14 @@ use edge::shard::Shard;
 
 #[test]
 fn two_tower_beats_the_baselines_on_movielens() {
+    let prepared = common::movielens();
+    let data = prepared.training_data(None);
     let common::Prepared {
         dataset,
         rules,
         parts,
-        preprocessor,
-    } = common::movielens();
-    let data = TrainingData {
-        preprocessor: &preprocessor,
-        videos: &dataset.videos,
-        users: &dataset.users,
-        split: &parts,
-        rules: &rules,
-        title_vectors: None,
-    };
+        ..
+    } = &prepared;
     // Three epochs keep the test short; the default ten gain a few points more.
     let config = TwoTowerConfig {
         epochs: 3,
@@ -40,8 +34,8 @@ fn two_tower_beats_the_baselines_on_movielens() {
         train(&data, &config, false, |line| epochs.push(line.to_owned())).unwrap();
     assert_eq!(report.epochs, 3, "{epochs:?}");
 
-    let set = EvalSet::new(&parts, &dataset.videos, &rules, Part::Test);
-    let histories = training_histories(&parts, &dataset.videos, &rules, Part::Test);
+    let set = EvalSet::new(parts, &dataset.videos, rules, Part::Test);
+    let histories = training_histories(parts, &dataset.videos, rules, Part::Test);
     let popular = evaluate(&MostPopular::fit(&histories, &set.catalogue), &set).metric("recall@50");
     let knn = evaluate(&ItemKnn::fit(&histories, &set.catalogue, 100), &set).metric("recall@50");
     let two_tower = evaluate(&trained, &set).metric("recall@50");
@@ -82,25 +76,19 @@ fn two_tower_beats_the_baselines_on_movielens() {
 #[test]
 fn with_minilm_titles_and_extra_negatives_it_still_beats_the_baselines() {
     let title_model = common::title_model_dir();
+    let prepared = common::movielens();
     let common::Prepared {
         dataset,
         rules,
         parts,
-        preprocessor,
-    } = common::movielens();
+        ..
+    } = &prepared;
     let titles: Vec<&str> = dataset.videos.iter().map(|v| v.title.as_str()).collect();
     let title_vectors = TitleEncoder::load(&title_model)
         .unwrap()
         .encode(&titles, |_| {})
         .unwrap();
-    let data = TrainingData {
-        preprocessor: &preprocessor,
-        videos: &dataset.videos,
-        users: &dataset.users,
-        split: &parts,
-        rules: &rules,
-        title_vectors: Some(&title_vectors),
-    };
+    let data = prepared.training_data(Some(&title_vectors));
     let config = TwoTowerConfig {
         epochs: 3,
         extra_negatives: 128,
@@ -109,8 +97,8 @@ fn with_minilm_titles_and_extra_negatives_it_still_beats_the_baselines() {
     let (trained, _) = train(&data, &config, false, |_| {}).unwrap();
     assert_eq!(trained.model.title_vector_dim(), Some(384));
 
-    let set = EvalSet::new(&parts, &dataset.videos, &rules, Part::Test);
-    let histories = training_histories(&parts, &dataset.videos, &rules, Part::Test);
+    let set = EvalSet::new(parts, &dataset.videos, rules, Part::Test);
+    let histories = training_histories(parts, &dataset.videos, rules, Part::Test);
     let popular = evaluate(&MostPopular::fit(&histories, &set.catalogue), &set).metric("recall@50");
     let knn = evaluate(&ItemKnn::fit(&histories, &set.catalogue, 100), &set).metric("recall@50");
     let two_tower = evaluate(&trained, &set).metric("recall@50");
@@ -144,20 +132,8 @@ fn a_split_without_positives_is_refused() {
     for interaction in &mut dataset.interactions {
         interaction.interaction_type = InteractionType::Impression;
     }
-    let common::Prepared {
-        dataset,
-        rules,
-        parts,
-        preprocessor,
-    } = common::prepare(dataset);
-    let data = TrainingData {
-        preprocessor: &preprocessor,
-        videos: &dataset.videos,
-        users: &dataset.users,
-        split: &parts,
-        rules: &rules,
-        title_vectors: None,
-    };
+    let prepared = common::prepare(dataset);
+    let data = prepared.training_data(None);
     let err = train(&data, &TwoTowerConfig::default(), false, |_| {})
         .err()
         .unwrap();

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use control_plane::data::Dataset;
 use control_plane::movielens;
 use control_plane::split::{Split, SplitConfig, split};
+use control_plane::two_tower::TrainingData;
 use edge::EngagementRules;
 use edge::preprocess::{FitInput, PreprocessConfig, Preprocessor};
 
@@ -18,6 +19,20 @@ pub struct Prepared {
     pub rules: EngagementRules,
     pub parts: Split,
     pub preprocessor: Preprocessor,
+}
+
+impl Prepared {
+    /// The two-tower model's view of this data set.
+    pub fn training_data<'a>(&'a self, title_vectors: Option<&'a [f32]>) -> TrainingData<'a> {
+        TrainingData {
+            preprocessor: &self.preprocessor,
+            videos: &self.dataset.videos,
+            users: &self.dataset.users,
+            split: &self.parts,
+            rules: &self.rules,
+            title_vectors,
+        }
+    }
 }
 
 /// MovieLens-100k's folder, which `cargo xtask test` fetches.
