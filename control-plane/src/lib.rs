@@ -11,6 +11,7 @@ pub mod csv_import;
 pub mod data;
 mod error;
 pub mod eval;
+pub mod latency;
 pub mod movielens;
 pub mod onnx_export;
 pub mod parquet_io;

@@ -15,7 +15,7 @@ use edge::ranker::{
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::shard_build::Latency;
+use crate::latency::Latency;
 
 /// Float columns of the bench model.
 const FLOATS: usize = 20;

@@ -11,6 +11,8 @@ use std::fmt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::latency::Latency;
+
 use edge::shard::{LayerLists, MAX_POINTS, SearchScratch, Shard, ShardGraph, ShardWriter};
 use hnsw_rs::prelude::{Distance, Hnsw};
 use rand::{Rng, SeedableRng};
@@ -729,30 +731,6 @@ pub fn recall(found: &[u64], exact: &[u64]) -> f64 {
     }
     let found: BTreeSet<u64> = found.iter().copied().collect();
     exact.iter().filter(|id| found.contains(id)).count() as f64 / exact.len() as f64
-}
-
-/// Median and 99th percentile of per-query latencies.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Latency {
-    /// Median, microseconds.
-    pub median_us: f64,
-    /// 99th percentile (nearest rank), microseconds.
-    pub p99_us: f64,
-}
-
-impl Latency {
-    /// The median and p99 of `samples`.
-    pub fn of(mut samples: Vec<Duration>) -> Self {
-        samples.sort_unstable();
-        let at = |q: f64| {
-            let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len().max(1));
-            samples.get(rank - 1).map_or(0.0, |d| d.as_secs_f64() * 1e6)
-        };
-        Self {
-            median_us: at(0.5),
-            p99_us: at(0.99),
-        }
-    }
 }
 
 /// One beam width's results in [`BenchReport`].

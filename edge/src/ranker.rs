@@ -538,7 +538,9 @@ impl RankerModel {
             small_leaves,
             ..
         } = scratch;
-        let mut sums = vec![0.0_f64; n];
+        // Tree sums accumulate in `out` itself: no allocation per call.
+        out.resize(n, 0.0);
+        let sums = &mut out[..];
         let source = |split: u32| {
             let source = self.sources[split as usize];
             let start = source.column as usize * n;
@@ -576,7 +578,9 @@ impl RankerModel {
                 }
             }
         }
-        out.extend(sums.into_iter().map(|sum| self.scale * sum + self.bias));
+        for sum in sums.iter_mut() {
+            *sum = self.scale * *sum + self.bias;
+        }
         Ok(())
     }
 
