@@ -95,6 +95,13 @@ pub struct RankerConfig {
     pub l2_leaf_reg: f64,
     /// Negatives sampled per positive when building training rows.
     pub negative_sample_ratio: usize,
+    /// How many of each positive's negatives come from impressions without engagement
+    /// (the rest: retrieved candidates not engaged with). Impressions show what the
+    /// system that logged them chose to show: worth 1-3 when that was this system, harmful
+    /// when it was another policy. On the synthetic data (impressions drawn by
+    /// popularity) test NDCG@10 over the two-tower order was +6.2% with 0, +0.3% with 1,
+    /// -20.9% with 3.
+    pub impression_negatives: usize,
     /// Borders per numeric feature, at most.
     pub border_count: usize,
     /// Stop after this many rounds without improvement on validation.
@@ -116,6 +123,7 @@ impl Default for RankerConfig {
             depth: 6,
             l2_leaf_reg: 3.0,
             negative_sample_ratio: 3,
+            impression_negatives: 0,
             border_count: 254,
             early_stopping_rounds: 50,
             loss: "Logloss".to_owned(),
@@ -266,6 +274,16 @@ impl RankerConfig {
             ));
         }
         positive("learning_rate", self.learning_rate)?;
+        at_least_one("negative_sample_ratio", self.negative_sample_ratio)?;
+        if self.impression_negatives > self.negative_sample_ratio {
+            return Err(ConfigError::new(
+                "impression_negatives",
+                format!(
+                    "must be at most negative_sample_ratio ({}), got {}",
+                    self.negative_sample_ratio, self.impression_negatives
+                ),
+            ));
+        }
         if !(self.l2_leaf_reg >= 0.0 && self.l2_leaf_reg.is_finite()) {
             return Err(ConfigError::new(
                 "l2_leaf_reg",

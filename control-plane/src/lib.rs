@@ -6,6 +6,7 @@
 
 #![warn(missing_docs)]
 
+pub mod catboost_side_by_side;
 pub mod config;
 pub mod csv_import;
 pub mod data;
@@ -17,6 +18,7 @@ pub mod onnx_export;
 pub mod parquet_io;
 pub mod progress;
 pub mod ranker_bench;
+pub mod ranker_data;
 pub mod ranker_train;
 pub mod shard_build;
 pub mod split;

@@ -56,6 +56,51 @@ enum Command {
 enum TrainCommand {
     /// The two-tower retrieval model; prints test metrics beside the baselines.
     TwoTower(TrainTwoTowerArgs),
+    /// The ranker (CatBoost-compatible oblivious trees) on rows from the validation part
+    /// and a trained two-tower model; prints the test ranking of the two-tower candidates
+    /// in two-tower order and in ranker order.
+    Ranker(TrainRankerArgs),
+}
+
+/// Where a trained two-tower model is and how to rebuild its inputs.
+#[derive(Args)]
+struct TwoTowerSource {
+    /// Data set folder.
+    #[arg(long)]
+    data: PathBuf,
+    /// Split folder [default: DATA/split].
+    #[arg(long)]
+    split: Option<PathBuf>,
+    /// Config file (its [ranker] and [engagement] sections apply).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Two-tower model folder written by `train two-tower` [default: SPLIT/two-tower].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The title model the two-tower model was trained with [default: the one its
+    /// report.json names].
+    #[arg(long)]
+    title_model: Option<PathBuf>,
+    /// Two-tower candidates per request that the ranker orders.
+    #[arg(long, default_value_t = 100)]
+    candidates: usize,
+}
+
+#[derive(Args)]
+struct TrainRankerArgs {
+    #[command(flatten)]
+    source: TwoTowerSource,
+    /// Share of the viewers whose requests are held out for early stopping.
+    #[arg(long, default_value_t = 0.2)]
+    validation_share: f64,
+    /// A Python interpreter with the `catboost` package: also train official CatBoost on
+    /// the same rows with the same parameters and report it beside ours.
+    #[arg(long)]
+    catboost_python: Option<PathBuf>,
+    /// Output folder for ranker.json (CatBoost's JSON format) and report.json
+    /// [default: SPLIT/ranker].
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -126,6 +171,21 @@ enum EvalCommand {
     /// Full-catalogue retrieval metrics (Recall, NDCG, HitRate at 10/20/50/100) of the
     /// baselines, most-popular and ItemKNN, and of a trained two-tower model (`--model`).
     Retrieval(EvalRetrievalArgs),
+    /// The test ranking (NDCG, Recall at 10/20/50/100) of the two-tower candidates in
+    /// two-tower order and in the order of a ranker (CatBoost JSON, ours or official).
+    Ranking(EvalRankingArgs),
+}
+
+#[derive(Args)]
+struct EvalRankingArgs {
+    #[command(flatten)]
+    source: TwoTowerSource,
+    /// The ranker model: CatBoost's JSON format [default: SPLIT/ranker/ranker.json].
+    #[arg(long)]
+    ranker: Option<PathBuf>,
+    /// Also write the reports as JSON here.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -320,6 +380,83 @@ fn encode_titles(
         distinct as f64 / seconds.max(1e-9)
     );
     Ok(Some(vectors))
+}
+
+/// Loads the data set, its split and the two-tower model of `source`, then calls `body`
+/// with what ranker rows are built from, the evaluation set of the test part and the
+/// split folder.
+fn with_two_tower(
+    source: &TwoTowerSource,
+    config: &Config,
+    body: impl FnOnce(&control_plane::ranker_data::RankerSources<'_>, &EvalSet, &Path) -> Result<()>,
+) -> Result<()> {
+    anyhow::ensure!(source.candidates > 0, "--candidates must be at least 1");
+    let (dataset, split_dir, parts) = load_split(&source.data, source.split.clone())?;
+    let dir = source
+        .model
+        .clone()
+        .unwrap_or_else(|| split_dir.join("two-tower"));
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read(&path).with_context(|| {
+            format!(
+                "{} (train the two-tower model first: control-plane train two-tower)",
+                path.display()
+            )
+        })
+    };
+    let preprocessor = Preprocessor::from_bytes(&read("preprocessor.msgpack")?)?;
+    let report: serde_json::Value = serde_json::from_slice(&read("report.json")?)?;
+    let spec = serde_json::from_value(report["spec"].clone())
+        .context("report.json has no valid \"spec\"")?;
+    let weights = dir.join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu)
+        .with_context(|| weights.display().to_string())?;
+    let title_model = source
+        .title_model
+        .clone()
+        .or_else(|| report["title_model"].as_str().map(PathBuf::from));
+    let title_vectors = match title_model {
+        // Whatever the size: the saved model needs the vectors it was trained on.
+        Some(folder) => encode_titles(Some(&folder), &dataset.videos, usize::MAX)?,
+        None => None,
+    };
+    let data = control_plane::two_tower::TrainingData {
+        preprocessor: &preprocessor,
+        videos: &dataset.videos,
+        users: &dataset.users,
+        split: &parts,
+        rules: &config.engagement,
+        title_vectors: title_vectors.as_deref(),
+    };
+    let retriever = control_plane::two_tower::TrainedRetriever::load(tensors, spec, &data)?;
+    let set = EvalSet::new(&parts, &dataset.videos, &config.engagement, Part::Test);
+    anyhow::ensure!(
+        !set.users.is_empty(),
+        "no user of {} has a positive interaction in the test part: nothing to evaluate",
+        split_dir.display()
+    );
+    let sources = control_plane::ranker_data::RankerSources {
+        data: &data,
+        channels: &dataset.channels,
+        retriever: &retriever,
+    };
+    body(&sources, &set, &split_dir)
+}
+
+/// Prints the ranking table of the test candidates and a summary line.
+fn print_ranking(comparison: &Comparison) {
+    println!("{comparison}");
+    if let Some(base) = comparison.reports.first() {
+        for report in &comparison.reports[1..] {
+            let (ours, theirs) = (report.metric("ndcg@10"), base.metric("ndcg@10"));
+            println!(
+                "{}: ndcg@10 {ours:.4} vs two-tower order {theirs:.4} ({:+.1}%)",
+                report.model,
+                100.0 * (ours / theirs - 1.0)
+            );
+        }
+    }
 }
 
 fn load_config(path: Option<&Path>) -> Result<Config> {
@@ -592,6 +729,158 @@ fn run(cli: Cli) -> Result<()> {
                 let json = serde_json::to_string_pretty(&comparison)?;
                 std::fs::write(&out, json).with_context(|| out.display().to_string())?;
             }
+        }
+        Command::Train(TrainCommand::Ranker(args)) => {
+            let config = load_config(args.source.config.as_deref())?;
+            anyhow::ensure!(
+                (0.0..1.0).contains(&args.validation_share),
+                "--validation-share must be in [0, 1)"
+            );
+            with_two_tower(&args.source, &config, |sources, set, split_dir| {
+                use control_plane::ranker_data::{
+                    candidate_lists, column_kinds, column_names, ranking_comparison, training_rows,
+                };
+                let started = Instant::now();
+                let (train, validation) = training_rows(
+                    sources,
+                    &config.ranker,
+                    args.source.candidates,
+                    args.validation_share,
+                )?;
+                anyhow::ensure!(
+                    train.positives() > 0,
+                    "no positive interaction in the validation part: no rows to train the ranker on"
+                );
+                eprintln!(
+                    "ranker rows from the validation part in {:.1} s: train {} rows ({} positive) in {} requests, early stopping {} rows ({} positive) in {} requests",
+                    started.elapsed().as_secs_f64(),
+                    train.len(),
+                    train.positives(),
+                    train.requests(),
+                    validation.len(),
+                    validation.positives(),
+                    validation.requests(),
+                );
+                let (kinds, names) = (column_kinds(), column_names());
+                let bar = if std::io::stderr().is_terminal() {
+                    control_plane::progress::bar(config.ranker.iterations as u64, "ranker", "trees")
+                } else {
+                    indicatif::ProgressBar::hidden()
+                };
+                let validation_rows = validation.rows(&kinds, &names);
+                let (model, report) = control_plane::ranker_train::train_ranker(
+                    &train.rows(&kinds, &names),
+                    (!validation.is_empty()).then_some(&validation_rows),
+                    &config.ranker,
+                    |iteration, loss| {
+                        bar.set_position(iteration as u64);
+                        if let Some(loss) = loss {
+                            bar.set_message(format!("validation loss {loss:.5}"));
+                        }
+                    },
+                )?;
+                bar.finish_and_clear();
+                eprintln!(
+                    "ranker: {} trees grown, {} kept (validation loss {}), {} binary features, {:.1} s",
+                    report.iterations,
+                    report.kept,
+                    report
+                        .best_validation_loss
+                        .map_or("-".to_owned(), |l| format!("{l:.5}")),
+                    report.binary_features,
+                    report.seconds
+                );
+                let lists = candidate_lists(sources, set, Part::Test, args.source.candidates)?;
+                let ours = model.predict(&lists.set.values)?;
+                let official = match &args.catboost_python {
+                    Some(python) => {
+                        let run = control_plane::catboost_side_by_side::train_official_catboost(
+                            python,
+                            &train,
+                            &validation,
+                            &lists.set,
+                            &config.ranker,
+                        )?;
+                        eprintln!(
+                            "official catboost: {} trees kept, {:.1} s; our trainer took {:.2}x its time",
+                            run.trees,
+                            run.seconds,
+                            report.seconds / run.seconds.max(1e-9)
+                        );
+                        Some(run)
+                    }
+                    None => None,
+                };
+                let mut scorers: Vec<(&str, &[f64])> = vec![("+ranker", &ours)];
+                if let Some(run) = &official {
+                    scorers.push(("+catboost", &run.predictions));
+                }
+                let comparison = ranking_comparison(&lists, set, &scorers);
+                print_ranking(&comparison);
+                let out = args.out.clone().unwrap_or_else(|| split_dir.join("ranker"));
+                std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
+                std::fs::write(out.join("ranker.json"), model.to_catboost_json())?;
+                std::fs::write(
+                    out.join("report.json"),
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "train": report,
+                        "config": config.ranker,
+                        "rows": {
+                            "train": train.len(),
+                            "train_positives": train.positives(),
+                            "validation": validation.len(),
+                            "validation_positives": validation.positives(),
+                        },
+                        "candidates": args.source.candidates,
+                        "official_catboost": official.as_ref().map(|run| serde_json::json!({
+                            "seconds": run.seconds,
+                            "trees": run.trees,
+                            "time_ratio_ours_to_catboost": report.seconds / run.seconds.max(1e-9),
+                        })),
+                        "test": comparison,
+                    }))?,
+                )?;
+                println!("ranker written to {}", out.join("ranker.json").display());
+                Ok(())
+            })?;
+        }
+        Command::Eval(EvalCommand::Ranking(args)) => {
+            let config = load_config(args.source.config.as_deref())?;
+            with_two_tower(&args.source, &config, |sources, set, split_dir| {
+                let path = args
+                    .ranker
+                    .clone()
+                    .unwrap_or_else(|| split_dir.join("ranker").join("ranker.json"));
+                let text = std::fs::read_to_string(&path).with_context(|| {
+                    format!("{} (train one: control-plane train ranker)", path.display())
+                })?;
+                let model = edge::ranker::RankerModel::from_catboost_json(&text)
+                    .with_context(|| path.display().to_string())?;
+                let lists = control_plane::ranker_data::candidate_lists(
+                    sources,
+                    set,
+                    Part::Test,
+                    args.source.candidates,
+                )?;
+                let scores = model.predict(&lists.set.values).with_context(|| {
+                    format!(
+                        "{} does not take the ranker's {} columns",
+                        path.display(),
+                        edge::ranker::features::COLUMNS.len()
+                    )
+                })?;
+                let comparison = control_plane::ranker_data::ranking_comparison(
+                    &lists,
+                    set,
+                    &[("+ranker", &scores)],
+                );
+                print_ranking(&comparison);
+                if let Some(out) = &args.out {
+                    let json = serde_json::to_string_pretty(&comparison)?;
+                    std::fs::write(out, json).with_context(|| out.display().to_string())?;
+                }
+                Ok(())
+            })?;
         }
         Command::Bench(BenchCommand::Ranker {
             trees,

@@ -53,14 +53,13 @@ pub fn title_model_dir() -> PathBuf {
 
 /// `dataset` split with the default rules and config, preprocessing fitted on train.
 pub fn prepare(dataset: Dataset) -> Prepared {
+    prepare_with(dataset, &SplitConfig::default())
+}
+
+/// `dataset` split by `split_config` with the default rules, preprocessing fitted on train.
+pub fn prepare_with(dataset: Dataset, split_config: &SplitConfig) -> Prepared {
     let rules = EngagementRules::default();
-    let parts = split(
-        &dataset.interactions,
-        &dataset.videos,
-        &rules,
-        &SplitConfig::default(),
-    )
-    .unwrap();
+    let parts = split(&dataset.interactions, &dataset.videos, &rules, split_config).unwrap();
     let preprocessor = Preprocessor::fit(
         FitInput {
             users: &dataset.users,

@@ -7,7 +7,8 @@
 //! (age z-score and bucket, log duration, log view/like/comment counts with like and
 //! comment per subscriber, log subscribers and their tier, hour of day on the unit
 //! circle), and the viewer-video features that make a second stage worth having: the
-//! two-tower score, the viewer's affinity to the video's category and channel, the
+//! two-tower score (and its gap to the request's best, and the rank in the personalized
+//! query, because raw scores are not comparable across viewers), the viewer's affinity to the video's category and channel, the
 //! video's age, and which retrieval query found it. Missing numbers are NaN (the model's
 //! NaN treatment decides); missing categories are the empty string.
 
@@ -27,7 +28,7 @@ pub enum ColumnKind {
 }
 
 /// The ranker's columns in row order: name and kind.
-pub const COLUMNS: [(&str, ColumnKind); 24] = [
+pub const COLUMNS: [(&str, ColumnKind); 26] = [
     ("country", ColumnKind::Categorical),
     ("user_language", ColumnKind::Categorical),
     ("category", ColumnKind::Categorical),
@@ -49,6 +50,8 @@ pub const COLUMNS: [(&str, ColumnKind); 24] = [
     ("hour_sin", ColumnKind::Float),
     ("hour_cos", ColumnKind::Float),
     ("two_tower_score", ColumnKind::Float),
+    ("two_tower_gap", ColumnKind::Float),
+    ("retrieval_rank", ColumnKind::Float),
     ("category_affinity", ColumnKind::Float),
     ("channel_affinity", ColumnKind::Float),
     ("video_age_days", ColumnKind::Float),
@@ -119,6 +122,13 @@ pub struct CandidateContext<'a> {
     pub channel_subscribers: u64,
     /// Inner product of the user and video embeddings.
     pub two_tower_score: f32,
+    /// The best two-tower score among the request's candidates. Scores are only
+    /// comparable within one viewer's query (their scale varies from viewer to viewer),
+    /// so the ranker sees the gap to the best as well as the score itself.
+    pub best_two_tower_score: f32,
+    /// Position (0 = best) in the main personalized query's results, if it found this
+    /// candidate.
+    pub retrieval_rank: Option<u32>,
     /// Which retrieval query found it, e.g. `personalized`, `category`, `popular`.
     pub source: &'a str,
 }
@@ -161,6 +171,8 @@ pub fn ranker_features(
         float(hour_sin),
         float(hour_cos),
         float(candidate.two_tower_score),
+        float(candidate.best_two_tower_score - candidate.two_tower_score),
+        or_nan(candidate.retrieval_rank.map(|rank| rank as f32)),
         float(
             viewer
                 .history
@@ -273,6 +285,8 @@ mod tests {
             video: &videos[0],
             channel_subscribers: 1000,
             two_tower_score: 0.75,
+            best_two_tower_score: 0.875,
+            retrieval_rank: Some(3),
             source: "personalized",
         };
         let mut row = Vec::new();
@@ -295,6 +309,8 @@ mod tests {
             FeatureValue::Cat(CatValue::new("music/a|music/b"))
         );
         assert_eq!(value(&row, "two_tower_score"), FeatureValue::Float(0.75));
+        assert_eq!(value(&row, "two_tower_gap"), FeatureValue::Float(0.125));
+        assert_eq!(value(&row, "retrieval_rank"), FeatureValue::Float(3.0));
         assert_eq!(value(&row, "category_affinity"), FeatureValue::Float(0.5));
         assert_eq!(value(&row, "channel_affinity"), FeatureValue::Float(0.5));
         assert_eq!(value(&row, "video_age_days"), FeatureValue::Float(10.0));
@@ -330,6 +346,8 @@ mod tests {
             video: &unknown,
             channel_subscribers: 0,
             two_tower_score: 0.0,
+            best_two_tower_score: 0.0,
+            retrieval_rank: None,
             source: "popular",
         };
         let mut row = Vec::new();
@@ -341,6 +359,7 @@ mod tests {
             "category_affinity",
             "channel_affinity",
             "video_age_days",
+            "retrieval_rank",
         ] {
             assert!(
                 matches!(value(&row, name), FeatureValue::Float(x) if x.is_nan()),
