@@ -306,3 +306,53 @@ fn deep_trees_take_the_wide_leaf_path_and_agree_with_the_walk() {
         walked.iter().map(|p| p.to_bits()).collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn every_depth_and_both_bin_widths_agree_with_the_walk() {
+    let base = RankerModel::from_catboost_json(fixture!("cat_logloss.json")).unwrap();
+    // A float feature with more than 255 borders forces the u16 bins.
+    let mut wide_features = base.float_features.clone();
+    let last = *wide_features[0].borders.last().unwrap();
+    wide_features[0]
+        .borders
+        .extend((1..=300).map(|k| last + k as f32));
+    let wide = RankerModel::new(
+        wide_features,
+        base.cat_features.clone(),
+        base.ctrs.clone(),
+        base.ctr_tables.clone(),
+        Vec::new(),
+        base.scale,
+        base.bias,
+    )
+    .unwrap();
+    assert!(base.narrow_bins && !wide.narrow_bins);
+    for model in [base, wide] {
+        let binary = model.binary.len() as u64;
+        let mut state = 11_u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            state >> 33
+        };
+        // Depths 0 to 8, twice, in a mixed order.
+        let trees = (0..18)
+            .map(|t| {
+                let depth = (t * 5) % 9;
+                ObliviousTree {
+                    splits: (0..depth).map(|_| (next() % binary) as u32).collect(),
+                    leaf_values: (0..1 << depth).map(|_| next() as f64 / 1e10).collect(),
+                }
+            })
+            .collect();
+        let model = model.with_trees(trees).unwrap();
+        let (rows, _) = rows_of(&model, fixture!("cat_logloss.csv"));
+        let fast = model.predict(&rows).unwrap();
+        let walked = reference_walk(&model, &rows);
+        assert_eq!(
+            fast.iter().map(|p| p.to_bits()).collect::<Vec<_>>(),
+            walked.iter().map(|p| p.to_bits()).collect::<Vec<_>>()
+        );
+    }
+}
