@@ -98,6 +98,85 @@ fn synthetic_data_from_generation_to_fitted_preprocessing() {
         out.lines().any(|l| l == trained_row),
         "{out}\nexpected the row {trained_row}"
     );
+
+    // The ranker on the saved two-tower model, then evaluated from its JSON file: the
+    // table must show the same numbers as at training.
+    std::fs::write(
+        &config,
+        "[two_tower]\nepochs = 1\nhidden_layers = [32]\n[ranker]\niterations = 30\n",
+    )
+    .unwrap();
+    let ranker = dir.path().join("ranker");
+    let out = stdout_of(&control_plane([
+        "train",
+        "ranker",
+        "--data",
+        arg(&data),
+        "--config",
+        arg(&config),
+        "--model",
+        arg(&model),
+        "--out",
+        arg(&ranker),
+    ]));
+    let ranked_row = out
+        .lines()
+        .find(|l| l.starts_with("+ranker "))
+        .unwrap_or_else(|| panic!("no +ranker row in:\n{out}"))
+        .to_owned();
+    assert!(out.lines().any(|l| l == trained_row), "{out}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ranker.join("report.json")).unwrap())
+            .unwrap();
+    assert!(report["rows"]["train_positives"].as_u64().unwrap() > 0);
+    let json = std::fs::read_to_string(ranker.join("ranker.json")).unwrap();
+    let saved = edge::ranker::RankerModel::from_catboost_json(&json).unwrap();
+    assert_eq!(saved.row_width(), edge::ranker::features::COLUMNS.len());
+    let out = stdout_of(&control_plane([
+        "eval",
+        "ranking",
+        "--data",
+        arg(&data),
+        "--model",
+        arg(&model),
+        "--ranker",
+        arg(&ranker.join("ranker.json")),
+    ]));
+    assert!(
+        out.lines().any(|l| l == ranked_row),
+        "{out}\nexpected the row {ranked_row}"
+    );
+
+    // A missing or broken model is an error that says what to do.
+    let err = stderr_of_failure(
+        &control_plane([
+            "train",
+            "ranker",
+            "--data",
+            arg(&data),
+            "--model",
+            arg(&dir.path().join("nowhere")),
+        ]),
+        1,
+    );
+    assert!(err.contains("train the two-tower model first"), "{err}");
+    let broken = dir.path().join("broken.json");
+    std::fs::write(&broken, &json[..json.len() / 2]).unwrap();
+    let err = stderr_of_failure(
+        &control_plane([
+            "eval",
+            "ranking",
+            "--data",
+            arg(&data),
+            "--model",
+            arg(&model),
+            "--ranker",
+            arg(&broken),
+        ]),
+        1,
+    );
+    assert!(err.contains("broken.json"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]
