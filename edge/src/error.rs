@@ -67,6 +67,17 @@ pub enum Error {
         /// What is wrong, e.g. `row 0, column 1 (categorical feature 0) holds a number`.
         reason: String,
     },
+    /// Bytes given as a bundle are not one this build can serve from.
+    #[error("invalid bundle: {}", match section {
+        Some(section) => format!("section `{section}` {reason}"),
+        None => reason.clone(),
+    })]
+    InvalidBundle {
+        /// The section at fault, if one is.
+        section: Option<&'static str>,
+        /// What is wrong, e.g. `is truncated: 100 of its 4096 bytes are present`.
+        reason: String,
+    },
     /// A query vector holds NaN or an infinity, which would make every score meaningless.
     #[error("query value at index {index} is not finite")]
     NonFiniteQuery {
