@@ -24,11 +24,12 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use edge::catalog::{Catalog, VideoRef};
 use edge::ranker::FeatureValue;
 use edge::ranker::features::{
     COLUMNS, CandidateContext, ColumnKind, ViewerContext, ViewerHistory, ranker_features,
 };
-use edge::{Channel, Interaction, User, Video, engagement_weight};
+use edge::{Channel, Interaction, User, engagement_weight};
 use rand::SeedableRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand_chacha::ChaCha8Rng;
@@ -117,38 +118,30 @@ pub struct RankerSources<'a> {
 
 /// The per-data-set lookups every row needs.
 struct Lookups<'a> {
-    videos: HashMap<u64, &'a Video>,
+    /// The catalogue as a bundle carries it: rows read the facts serving reads.
+    catalog: Catalog,
     users: HashMap<u64, &'a User>,
-    subscribers: HashMap<u64, u64>,
     rows: HashMap<u64, usize>,
 }
 
 impl<'a> Lookups<'a> {
-    fn new(sources: &'a RankerSources<'a>) -> Self {
+    fn new(sources: &'a RankerSources<'a>) -> Result<Self, TrainError> {
         let (ids, _) = sources.retriever.video_embeddings();
-        Self {
-            videos: sources
-                .data
-                .videos
-                .iter()
-                .map(|v| (v.video_id, v))
-                .collect(),
+        let catalog = Catalog::build(sources.data.videos, sources.channels, &[])
+            .map_err(|e| TrainError::NoData(e.to_string()))?;
+        Ok(Self {
+            catalog,
             users: sources.data.users.iter().map(|u| (u.user_id, u)).collect(),
-            subscribers: sources
-                .channels
-                .iter()
-                .map(|c| (c.channel_id, c.subscriber_count))
-                .collect(),
             rows: ids.iter().enumerate().map(|(row, &id)| (id, row)).collect(),
-        }
+        })
     }
 
     fn history(&self, videos: &[u64]) -> ViewerHistory {
         ViewerHistory::new(
             videos
                 .iter()
-                .filter_map(|id| self.videos.get(id))
-                .map(|v| (v.category.as_str(), v.channel_id)),
+                .filter_map(|&id| self.catalog.get(id))
+                .map(|v| (v.category(), v.channel_id())),
         )
     }
 }
@@ -199,7 +192,7 @@ struct Request<'a> {
 
 /// A video of a request with what retrieval said about it.
 struct Candidate<'a> {
-    video: &'a Video,
+    video: VideoRef<'a>,
     score: f32,
     rank: Option<u32>,
 }
@@ -226,11 +219,6 @@ impl Lookups<'_> {
         let video = candidate.video;
         let context = CandidateContext {
             video,
-            channel_subscribers: self
-                .subscribers
-                .get(&video.channel_id)
-                .copied()
-                .unwrap_or(0),
             two_tower_score: candidate.score,
             best_two_tower_score: request.best_score,
             retrieval_rank: candidate.rank,
@@ -240,7 +228,7 @@ impl Lookups<'_> {
         out.labels.push(label);
         out.groups.push(group);
         out.users.push(request.user.user_id);
-        out.videos.push(video.video_id);
+        out.videos.push(video.video_id());
         out.two_tower_scores.push(candidate.score);
     }
 }
@@ -263,7 +251,7 @@ pub fn training_rows(
     validation_share: f64,
 ) -> Result<(RankerSet, RankerSet), TrainError> {
     let data = sources.data;
-    let lookups = Lookups::new(sources);
+    let lookups = Lookups::new(sources)?;
     let (ids, _) = sources.retriever.video_embeddings();
     let durations = durations(data.videos);
     let histories = training_histories(data.split, data.videos, data.rules, Part::Validation);
@@ -381,7 +369,7 @@ pub fn training_rows(
                 .chain(negatives.iter().map(|&v| (v, 0.0)));
             for (video_id, label) in labelled {
                 let (Some(video), Some(&row)) =
-                    (lookups.videos.get(&video_id), lookups.rows.get(&video_id))
+                    (lookups.catalog.get(video_id), lookups.rows.get(&video_id))
                 else {
                     continue;
                 };
@@ -431,7 +419,7 @@ pub fn candidate_lists(
     part: Part,
     candidates: usize,
 ) -> Result<CandidateLists, TrainError> {
-    let lookups = Lookups::new(sources);
+    let lookups = Lookups::new(sources)?;
     let (ids, _) = sources.retriever.video_embeddings();
     let first = first_held_out(sources.data, part);
     let mut out = RankerSet::default();
@@ -454,7 +442,7 @@ pub fn candidate_lists(
             best_score: retrieved.first().map_or(0.0, |&row| scored.scores[row]),
         };
         for (rank, &row) in retrieved.iter().enumerate() {
-            let Some(video) = lookups.videos.get(&ids[row]) else {
+            let Some(video) = lookups.catalog.get(ids[row]) else {
                 continue;
             };
             let label = f32::from(u8::from(relevant.contains(&ids[row])));

@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod bundle;
+pub mod catalog;
 pub mod engagement;
 pub mod entities;
 mod error;

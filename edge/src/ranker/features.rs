@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 
 use super::{CatValue, FeatureValue};
-use crate::Video;
+use crate::catalog::VideoRef;
 use crate::preprocess::{Preprocessor, day_of_week, hour_cyclical};
 
 /// Whether a column holds a number or a category.
@@ -116,10 +116,8 @@ pub struct ViewerContext<'a> {
 /// One candidate video of a request.
 #[derive(Debug, Clone, Copy)]
 pub struct CandidateContext<'a> {
-    /// The video.
-    pub video: &'a Video,
-    /// Its channel's subscribers (0 if unknown).
-    pub channel_subscribers: u64,
+    /// The video, from the bundle's catalogue (training rows read the same catalogue).
+    pub video: VideoRef<'a>,
     /// Inner product of the user and video embeddings.
     pub two_tower_score: f32,
     /// The best two-tower score among the request's candidates. Scores are only
@@ -144,28 +142,32 @@ pub fn ranker_features(
     let cat = |value: &str| FeatureValue::Cat(CatValue::new(value));
     let float = FeatureValue::Float;
     let or_nan = |value: Option<f32>| float(value.unwrap_or(f32::NAN));
-    let subscribers = candidate.channel_subscribers as f64;
+    let subscribers = video.channel_subscribers() as f64;
     let per_subscriber = |count: u64| float((count as f64 / subscribers.max(1.0)) as f32);
     let [hour_sin, hour_cos] = hour_cyclical(viewer.time);
     let age = viewer.age.map(f64::from);
-    let duration = (video.duration_seconds > 0).then_some(f64::from(video.duration_seconds));
+    let duration = (video.duration_seconds() > 0).then_some(f64::from(video.duration_seconds()));
     out.extend([
         cat(viewer.country.unwrap_or("")),
         cat(viewer.language.unwrap_or("")),
-        cat(&video.category),
-        cat(&video.child_categories.join("|")),
-        cat(&video.language),
+        cat(video.category()),
+        cat(video.child_categories()),
+        cat(video.language()),
         cat(&day_of_week(viewer.time).to_string()),
         cat(viewer.device.unwrap_or("")),
         cat(candidate.source),
         or_nan(age.map(|a| preprocessor.age.scaled(a))),
         or_nan(age.map(|a| preprocessor.age.bucket(a) as f32)),
         or_nan(duration.map(|d| preprocessor.duration.scaled(d))),
-        float(preprocessor.view_count.apply(video.view_count as f64)),
-        float(preprocessor.like_count.apply(video.like_count as f64)),
-        per_subscriber(video.like_count),
-        float(preprocessor.comment_count.apply(video.comment_count as f64)),
-        per_subscriber(video.comment_count),
+        float(preprocessor.view_count.apply(video.view_count() as f64)),
+        float(preprocessor.like_count.apply(video.like_count() as f64)),
+        per_subscriber(video.like_count()),
+        float(
+            preprocessor
+                .comment_count
+                .apply(video.comment_count() as f64),
+        ),
+        per_subscriber(video.comment_count()),
         float(preprocessor.subscribers.scaled(subscribers)),
         float(preprocessor.subscribers.bucket(subscribers) as f32),
         float(hour_sin),
@@ -176,16 +178,16 @@ pub fn ranker_features(
         float(
             viewer
                 .history
-                .share(viewer.history.categories.get(video.category.as_str())),
+                .share(viewer.history.categories.get(video.category())),
         ),
         float(
             viewer
                 .history
-                .share(viewer.history.channels.get(&video.channel_id)),
+                .share(viewer.history.channels.get(&video.channel_id())),
         ),
         or_nan(
             video
-                .upload_time
+                .upload_time()
                 .map(|upload| ((viewer.time - upload).max(0) as f64 / 86_400.0) as f32),
         ),
     ]);
@@ -194,8 +196,24 @@ pub fn ranker_features(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::Catalog;
     use crate::preprocess::{FitInput, PreprocessConfig};
-    use crate::{Channel, ContentRating, EngagementRules, Interaction, InteractionType, User};
+    use crate::{
+        Channel, ContentRating, EngagementRules, Interaction, InteractionType, User, Video,
+    };
+
+    fn channels() -> Vec<Channel> {
+        vec![
+            Channel {
+                channel_id: 7,
+                subscriber_count: 1000,
+            },
+            Channel {
+                channel_id: 8,
+                subscriber_count: 50,
+            },
+        ]
+    }
 
     fn video(video_id: u64, category: &str, channel_id: u64) -> Video {
         Video {
@@ -225,16 +243,7 @@ mod tests {
             gender: None,
             occupation: None,
         }];
-        let channels = vec![
-            Channel {
-                channel_id: 7,
-                subscriber_count: 1000,
-            },
-            Channel {
-                channel_id: 8,
-                subscriber_count: 50,
-            },
-        ];
+        let channels = channels();
         let train: Vec<Interaction> = videos
             .iter()
             .map(|v| Interaction {
@@ -281,9 +290,9 @@ mod tests {
             time: 1_700_000_000 + 10 * 86_400,
             history: &history,
         };
+        let catalog = Catalog::build(&videos, &channels(), &[]).unwrap();
         let candidate = CandidateContext {
-            video: &videos[0],
-            channel_subscribers: 1000,
+            video: catalog.get(1).unwrap(),
             two_tower_score: 0.75,
             best_two_tower_score: 0.875,
             retrieval_rank: Some(3),
@@ -342,9 +351,9 @@ mod tests {
             time: 0,
             history: &history,
         };
+        let catalog = Catalog::build(std::slice::from_ref(&unknown), &channels(), &[]).unwrap();
         let candidate = CandidateContext {
-            video: &unknown,
-            channel_subscribers: 0,
+            video: catalog.get(4).unwrap(),
             two_tower_score: 0.0,
             best_two_tower_score: 0.0,
             retrieval_rank: None,

@@ -1,0 +1,357 @@
+//! The bundle's `videos` section: the per-video metadata that filters, ranker features and
+//! ordering read, stored by column.
+//!
+//! A `Vec<Video>` would hold three strings and two vectors per video (about 200 bytes of
+//! heap at 1M videos, too much for a 128 MB edge isolate); here each video is a row of
+//! numbers, with every category, child-category list, language and region spelled once
+//! in a shared dictionary. [`VideoRef`] is the borrowed view of one row that serving and
+//! training rows both read, so a feature sees the same facts in both.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Channel, ContentRating, Error, Video};
+
+/// The catalogue format version this build writes and reads.
+pub const CATALOG_FORMAT_VERSION: u32 = 1;
+
+/// A video's upload time when unknown (a sentinel keeps the column a plain `i64`).
+const UNKNOWN_TIME: i64 = i64::MIN;
+
+/// The videos of a bundle, by column, sorted by id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Catalog {
+    format_version: u32,
+    /// Every spelled value: categories, child-category lists (joined by `|`), languages,
+    /// regions.
+    strings: Vec<String>,
+    ids: Vec<u64>,
+    titles: Vec<String>,
+    category: Vec<u32>,
+    child_categories: Vec<u32>,
+    channel: Vec<u64>,
+    language: Vec<u32>,
+    duration_seconds: Vec<u32>,
+    view_count: Vec<u64>,
+    like_count: Vec<u64>,
+    comment_count: Vec<u64>,
+    upload_time: Vec<i64>,
+    content_rating: Vec<ContentRating>,
+    /// Video `i`'s regions are `region_values[region_offsets[i]..region_offsets[i + 1]]`.
+    region_offsets: Vec<u32>,
+    region_values: Vec<u32>,
+    promoted: Vec<bool>,
+    /// `(channel id, subscribers)`, sorted by id.
+    channels: Vec<(u64, u64)>,
+}
+
+/// One video of a [`Catalog`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VideoRef<'a> {
+    catalog: &'a Catalog,
+    row: usize,
+}
+
+impl<'a> VideoRef<'a> {
+    fn text(&self, index: u32) -> &'a str {
+        &self.catalog.strings[index as usize]
+    }
+
+    /// Its id.
+    pub fn video_id(&self) -> u64 {
+        self.catalog.ids[self.row]
+    }
+    /// Its row in the catalogue (0-based, in id order).
+    pub fn row(&self) -> usize {
+        self.row
+    }
+    /// Display title.
+    pub fn title(&self) -> &'a str {
+        &self.catalog.titles[self.row]
+    }
+    /// Primary category.
+    pub fn category(&self) -> &'a str {
+        self.text(self.catalog.category[self.row])
+    }
+    /// Secondary categories joined by `|` (empty if none).
+    pub fn child_categories(&self) -> &'a str {
+        self.text(self.catalog.child_categories[self.row])
+    }
+    /// The publishing channel.
+    pub fn channel_id(&self) -> u64 {
+        self.catalog.channel[self.row]
+    }
+    /// The channel's subscribers (0 if unknown).
+    pub fn channel_subscribers(&self) -> u64 {
+        let channels = &self.catalog.channels;
+        channels
+            .binary_search_by_key(&self.channel_id(), |c| c.0)
+            .map_or(0, |at| channels[at].1)
+    }
+    /// Audio language.
+    pub fn language(&self) -> &'a str {
+        self.text(self.catalog.language[self.row])
+    }
+    /// Length in seconds (0 = unknown).
+    pub fn duration_seconds(&self) -> u32 {
+        self.catalog.duration_seconds[self.row]
+    }
+    /// Lifetime views.
+    pub fn view_count(&self) -> u64 {
+        self.catalog.view_count[self.row]
+    }
+    /// Lifetime likes.
+    pub fn like_count(&self) -> u64 {
+        self.catalog.like_count[self.row]
+    }
+    /// Lifetime comments.
+    pub fn comment_count(&self) -> u64 {
+        self.catalog.comment_count[self.row]
+    }
+    /// Publication time, Unix seconds, if known.
+    pub fn upload_time(&self) -> Option<i64> {
+        let time = self.catalog.upload_time[self.row];
+        (time != UNKNOWN_TIME).then_some(time)
+    }
+    /// Audience rating.
+    pub fn content_rating(&self) -> ContentRating {
+        self.catalog.content_rating[self.row]
+    }
+    /// Whether the video may be shown in `region` (an empty list means everywhere).
+    pub fn available_in(&self, region: &str) -> bool {
+        let regions = self.regions();
+        regions.is_empty() || regions.iter().any(|&r| self.text(r) == region)
+    }
+    fn regions(&self) -> &'a [u32] {
+        let offsets = &self.catalog.region_offsets;
+        let (start, end) = (offsets[self.row] as usize, offsets[self.row + 1] as usize);
+        &self.catalog.region_values[start..end]
+    }
+    /// Whether the business promotes it.
+    pub fn promoted(&self) -> bool {
+        self.catalog.promoted[self.row]
+    }
+}
+
+/// Interns strings into the catalogue's dictionary.
+struct Interner {
+    strings: Vec<String>,
+    index: std::collections::BTreeMap<String, u32>,
+}
+
+impl Interner {
+    fn intern(&mut self, text: &str) -> u32 {
+        if let Some(&at) = self.index.get(text) {
+            return at;
+        }
+        let at = self.strings.len() as u32;
+        self.strings.push(text.to_owned());
+        self.index.insert(text.to_owned(), at);
+        at
+    }
+}
+
+fn invalid(reason: impl std::fmt::Display) -> Error {
+    Error::InvalidBundle {
+        section: Some("videos"),
+        reason: format!("is invalid: {reason}"),
+    }
+}
+
+impl Catalog {
+    /// The catalogue of `videos`, with `channels` for subscriber counts and the ids in
+    /// `promoted` flagged. Duplicate video ids are refused.
+    pub fn build(videos: &[Video], channels: &[Channel], promoted: &[u64]) -> Result<Self, Error> {
+        let mut order: Vec<&Video> = videos.iter().collect();
+        order.sort_by_key(|v| v.video_id);
+        if let Some(pair) = order.windows(2).find(|w| w[0].video_id == w[1].video_id) {
+            return Err(invalid(format!(
+                "video id {} appears twice",
+                pair[0].video_id
+            )));
+        }
+        let mut interner = Interner {
+            strings: Vec::new(),
+            index: Default::default(),
+        };
+        let mut promoted_ids = promoted.to_vec();
+        promoted_ids.sort_unstable();
+        let mut catalog = Self {
+            format_version: CATALOG_FORMAT_VERSION,
+            strings: Vec::new(),
+            ids: Vec::with_capacity(order.len()),
+            titles: Vec::with_capacity(order.len()),
+            category: Vec::with_capacity(order.len()),
+            child_categories: Vec::with_capacity(order.len()),
+            channel: Vec::with_capacity(order.len()),
+            language: Vec::with_capacity(order.len()),
+            duration_seconds: Vec::with_capacity(order.len()),
+            view_count: Vec::with_capacity(order.len()),
+            like_count: Vec::with_capacity(order.len()),
+            comment_count: Vec::with_capacity(order.len()),
+            upload_time: Vec::with_capacity(order.len()),
+            content_rating: Vec::with_capacity(order.len()),
+            region_offsets: vec![0],
+            region_values: Vec::new(),
+            promoted: Vec::with_capacity(order.len()),
+            channels: Vec::new(),
+        };
+        for video in order {
+            catalog.ids.push(video.video_id);
+            catalog.titles.push(video.title.clone());
+            catalog.category.push(interner.intern(&video.category));
+            catalog
+                .child_categories
+                .push(interner.intern(&video.child_categories.join("|")));
+            catalog.channel.push(video.channel_id);
+            catalog.language.push(interner.intern(&video.language));
+            catalog.duration_seconds.push(video.duration_seconds);
+            catalog.view_count.push(video.view_count);
+            catalog.like_count.push(video.like_count);
+            catalog.comment_count.push(video.comment_count);
+            catalog
+                .upload_time
+                .push(video.upload_time.unwrap_or(UNKNOWN_TIME));
+            catalog.content_rating.push(video.content_rating);
+            for region in &video.regions {
+                let at = interner.intern(region);
+                catalog.region_values.push(at);
+            }
+            catalog
+                .region_offsets
+                .push(catalog.region_values.len() as u32);
+            catalog
+                .promoted
+                .push(promoted_ids.binary_search(&video.video_id).is_ok());
+        }
+        catalog.strings = interner.strings;
+        catalog.channels = channels
+            .iter()
+            .map(|c| (c.channel_id, c.subscriber_count))
+            .collect();
+        catalog.channels.sort_unstable();
+        catalog.channels.dedup_by_key(|c| c.0);
+        Ok(catalog)
+    }
+
+    /// Videos in the catalogue.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether the catalogue is empty.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The video with this id, if the catalogue has it.
+    pub fn get(&self, video_id: u64) -> Option<VideoRef<'_>> {
+        let row = self.ids.binary_search(&video_id).ok()?;
+        Some(VideoRef { catalog: self, row })
+    }
+
+    /// The video in row `row` (id order).
+    pub fn at(&self, row: usize) -> Option<VideoRef<'_>> {
+        (row < self.ids.len()).then_some(VideoRef { catalog: self, row })
+    }
+
+    /// Every video, in id order.
+    pub fn iter(&self) -> impl Iterator<Item = VideoRef<'_>> {
+        (0..self.ids.len()).map(|row| VideoRef { catalog: self, row })
+    }
+
+    /// The section's bytes (MessagePack).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("a catalogue always serializes")
+    }
+
+    /// Decodes and checks a catalogue: the version, equal column lengths, sorted unique
+    /// ids, dictionary indices and region offsets in range. Errors name the column.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, Error> {
+        #[derive(Deserialize)]
+        struct Version {
+            format_version: u32,
+        }
+        let version: Version =
+            rmp_serde::from_slice(bytes).map_err(|e| invalid(format!("cannot decode: {e}")))?;
+        if version.format_version != CATALOG_FORMAT_VERSION {
+            return Err(Error::FormatVersion {
+                artifact: "videos section",
+                found: version.format_version,
+                expected: CATALOG_FORMAT_VERSION,
+            });
+        }
+        let catalog: Self =
+            rmp_serde::from_slice(bytes).map_err(|e| invalid(format!("cannot decode: {e}")))?;
+        catalog.check()?;
+        Ok(catalog)
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        let n = self.ids.len();
+        let lengths = [
+            ("titles", self.titles.len()),
+            ("category", self.category.len()),
+            ("child_categories", self.child_categories.len()),
+            ("channel", self.channel.len()),
+            ("language", self.language.len()),
+            ("duration_seconds", self.duration_seconds.len()),
+            ("view_count", self.view_count.len()),
+            ("like_count", self.like_count.len()),
+            ("comment_count", self.comment_count.len()),
+            ("upload_time", self.upload_time.len()),
+            ("content_rating", self.content_rating.len()),
+            ("promoted", self.promoted.len()),
+            (
+                "region_offsets",
+                self.region_offsets.len().saturating_sub(1),
+            ),
+        ];
+        for (column, length) in lengths {
+            if length != n {
+                return Err(invalid(format!(
+                    "column `{column}` has {length} rows, `ids` has {n}"
+                )));
+            }
+        }
+        if self.region_offsets.is_empty() {
+            return Err(invalid("column `region_offsets` is empty"));
+        }
+        if let Some(at) = self.ids.windows(2).position(|w| w[0] >= w[1]) {
+            return Err(invalid(format!(
+                "column `ids` is not strictly ascending at row {}",
+                at + 1
+            )));
+        }
+        let strings = self.strings.len() as u32;
+        for (column, values) in [
+            ("category", &self.category),
+            ("child_categories", &self.child_categories),
+            ("language", &self.language),
+            ("region_values", &self.region_values),
+        ] {
+            if let Some(row) = values.iter().position(|&i| i >= strings) {
+                return Err(invalid(format!(
+                    "column `{column}`, row {row}: string {} is not below the dictionary's {strings}",
+                    values[row]
+                )));
+            }
+        }
+        let regions = self.region_values.len() as u32;
+        if self.region_offsets[0] != 0
+            || self.region_offsets.windows(2).any(|w| w[0] > w[1])
+            || self.region_offsets.last() != Some(&regions)
+        {
+            return Err(invalid(
+                "column `region_offsets` does not ascend from 0 to the number of region values",
+            ));
+        }
+        if self.channels.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return Err(invalid("column `channels` is not strictly ascending by id"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
