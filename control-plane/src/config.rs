@@ -26,6 +26,10 @@ pub struct Config {
     pub two_tower: TwoTowerConfig,
     /// The ranker.
     pub ranker: RankerConfig,
+    /// The business rules a bundle serves with (retrieval quotas, filters, ordering).
+    pub rules: edge::rules::BusinessRules,
+    /// The A/B experiments a bundle runs (`[[experiments]]`, each with `[[experiments.variants]]`).
+    pub experiments: Vec<edge::rules::Experiment>,
 }
 
 /// Two-tower model settings (the seed's values).
@@ -215,7 +219,12 @@ impl Config {
         self.two_tower
             .validate()
             .map_err(|e| e.within("two_tower"))?;
-        self.ranker.validate().map_err(|e| e.within("ranker"))
+        self.ranker.validate().map_err(|e| e.within("ranker"))?;
+        self.rules.validate().map_err(|e| e.within("rules"))?;
+        edge::rules::Experiments {
+            experiments: self.experiments.clone(),
+        }
+        .validate()
     }
 }
 

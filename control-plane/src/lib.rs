@@ -6,6 +6,7 @@
 
 #![warn(missing_docs)]
 
+pub mod bundle_build;
 pub mod catboost_side_by_side;
 pub mod config;
 pub mod csv_import;

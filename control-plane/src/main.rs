@@ -47,9 +47,49 @@ enum Command {
     /// Benchmarks that print medians and p99 beside a baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Build serving bundles.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
     /// Show the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum BundleCommand {
+    /// One file with the user tower, the shard, the ranker, the preprocessing, the
+    /// catalogue, the rules and the experiments, each section checked by loading it as
+    /// the edge will; written as BUNDLES/<sha256>.bundle.
+    Build(BundleBuildArgs),
+}
+
+#[derive(Args)]
+struct BundleBuildArgs {
+    /// Data set folder (its videos and channels become the catalogue).
+    #[arg(long)]
+    data: PathBuf,
+    /// Split folder [default: DATA/split].
+    #[arg(long)]
+    split: Option<PathBuf>,
+    /// Config file (its [rules] and [[experiments]] go into the bundle).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Two-tower model folder [default: SPLIT/two-tower].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Ranker in CatBoost's JSON format [default: SPLIT/ranker/ranker.json].
+    #[arg(long)]
+    ranker: Option<PathBuf>,
+    /// Promoted video ids, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    promoted: Vec<u64>,
+    /// Model version written into the header [default: build time and a hash of the
+    /// sections].
+    #[arg(long)]
+    model_version: Option<String>,
+    /// Output folder [default: SPLIT/bundles].
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -918,6 +958,73 @@ fn run(cli: Cli) -> Result<()> {
                     seed,
                     shard_file.as_deref()
                 )?
+            );
+        }
+        Command::Bundle(BundleCommand::Build(args)) => {
+            let config = load_config(args.config.as_deref())?;
+            let (dataset, split_dir, _) = load_split(&args.data, args.split.clone())?;
+            let model = args.model.unwrap_or_else(|| split_dir.join("two-tower"));
+            let ranker = args
+                .ranker
+                .unwrap_or_else(|| split_dir.join("ranker").join("ranker.json"));
+            let hash_of = |path: &Path| {
+                std::fs::read(path)
+                    .map(|bytes| edge::bundle::sha256_hex(&bytes))
+                    .unwrap_or_else(|_| "unknown".to_owned())
+            };
+            let lineage = vec![
+                (
+                    "code_version".to_owned(),
+                    env!("CARGO_PKG_VERSION").to_owned(),
+                ),
+                ("data".to_owned(), args.data.display().to_string()),
+                (
+                    "data_manifest_sha256".to_owned(),
+                    hash_of(&args.data.join("dataset.json")),
+                ),
+                (
+                    "split_manifest_sha256".to_owned(),
+                    hash_of(&split_dir.join("split.json")),
+                ),
+                (
+                    "two_tower_report_sha256".to_owned(),
+                    hash_of(&model.join("report.json")),
+                ),
+                (
+                    "config_sha256".to_owned(),
+                    edge::bundle::sha256_hex(config.to_toml().as_bytes()),
+                ),
+            ];
+            let created_at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let (bytes, built) = control_plane::bundle_build::build_bundle(
+                &control_plane::bundle_build::BundleInputs {
+                    dataset: &dataset,
+                    two_tower: &model,
+                    ranker: &ranker,
+                    config: &config,
+                    promoted: &args.promoted,
+                    created_at,
+                    lineage,
+                    model_version: args.model_version.clone(),
+                },
+            )?;
+            let out = args.out.unwrap_or_else(|| split_dir.join("bundles"));
+            std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
+            let path = out.join(format!("{}.bundle", built.sha256));
+            let temporary = control_plane::parquet_io::temporary_path(&path);
+            std::fs::write(&temporary, &bytes).with_context(|| temporary.display().to_string())?;
+            std::fs::rename(&temporary, &path).with_context(|| path.display().to_string())?;
+            for (section, length) in &built.sections {
+                println!("  {section:<14} {length:>12} bytes");
+            }
+            println!(
+                "bundle {} ({} bytes, model version {}) -> {}",
+                built.sha256,
+                built.bytes,
+                built.model_version,
+                path.display()
             );
         }
         Command::Config(ConfigCommand::Show { file }) => {

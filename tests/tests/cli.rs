@@ -147,6 +147,69 @@ fn synthetic_data_from_generation_to_fitted_preprocessing() {
         "{out}\nexpected the row {ranked_row}"
     );
 
+    // Everything serving needs, in one verified bundle named by its sha256.
+    let bundles = dir.path().join("bundles");
+    let out = stdout_of(&control_plane([
+        "bundle",
+        "build",
+        "--data",
+        arg(&data),
+        "--model",
+        arg(&model),
+        "--ranker",
+        arg(&ranker.join("ranker.json")),
+        "--promoted",
+        "3,5",
+        "--out",
+        arg(&bundles),
+    ]));
+    let files: Vec<_> = std::fs::read_dir(&bundles)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{out}");
+    let bytes = std::fs::read(&files[0]).unwrap();
+    let sha = edge::bundle::sha256_hex(&bytes);
+    assert_eq!(
+        files[0].file_name().unwrap().to_str().unwrap(),
+        format!("{sha}.bundle")
+    );
+    assert!(out.contains(&sha), "{out}");
+    let view = edge::bundle::BundleView::parse(&bytes).unwrap();
+    assert_eq!(
+        view.header.sections.len(),
+        edge::bundle::SectionKind::ALL.len()
+    );
+    assert_eq!(
+        view.section(edge::bundle::SectionKind::Ranker).unwrap(),
+        json.as_bytes()
+    );
+    let catalog = edge::catalog::Catalog::from_bytes(
+        view.section(edge::bundle::SectionKind::Videos).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(catalog.len(), 300);
+    assert!(catalog.get(3).unwrap().promoted() && !catalog.get(4).unwrap().promoted());
+    let err = stderr_of_failure(
+        &control_plane([
+            "bundle",
+            "build",
+            "--data",
+            arg(&data),
+            "--model",
+            arg(&model),
+            "--ranker",
+            arg(&ranker.join("ranker.json")),
+            "--promoted",
+            "100000",
+        ]),
+        1,
+    );
+    assert!(
+        err.contains("promoted video 100000 is not in the catalogue"),
+        "{err}"
+    );
+
     // A missing or broken model is an error that says what to do.
     let err = stderr_of_failure(
         &control_plane([

@@ -14,7 +14,7 @@ const USAGE: &str = "\
 usage: cargo xtask <task> [args]
 
 tasks:
-  demo       fetch data; generate, import, split, fit preprocessing, train the two-tower model and the ranker; print their metrics
+  demo       fetch data; generate, import, split, fit preprocessing, train the two-tower model and the ranker, build a bundle; print their metrics
   test       fetch test data, build the binaries, run every test (args go to cargo test)
   fixtures   fetch MovieLens-100k and the all-MiniLM-L6-v2 title model into the cache
              folder and print their paths
@@ -340,8 +340,9 @@ fn demo() -> Result<()> {
     println!("== two-tower retrieval and the ranker on the synthetic data (under a minute)");
     step(&[&"train", &"two-tower", &"--data", &synthetic])?;
     step(&[&"train", &"ranker", &"--data", &synthetic])?;
+    step(&[&"bundle", &"build", &"--data", &synthetic])?;
     println!(
-        "\ndemo data in {}\n(bundles, the wasm module, the host and the browser demo are not built yet: see the open issues)",
+        "\ndemo data in {}\n(the wasm module that serves the bundle, the host and the browser demo are not built yet: see the open issues)",
         out.display()
     );
     Ok(())

@@ -1,0 +1,195 @@
+//! `control-plane bundle build`: the serving artifacts in one bundle (`edge::bundle`),
+//! checked by reading every section back the way the edge will before it is written.
+
+use std::path::{Path, PathBuf};
+
+use edge::bundle::{BundleBuilder, BundleView, SectionKind, sha256_hex};
+use edge::catalog::Catalog;
+use edge::preprocess::Preprocessor;
+use edge::ranker::RankerModel;
+use edge::ranker::features::COLUMNS;
+use edge::rules::{BusinessRules, Experiments};
+use edge::shard::Shard;
+
+use crate::config::Config;
+use crate::data::Dataset;
+
+/// Where the parts of a bundle come from.
+pub struct BundleInputs<'a> {
+    /// The data set (its videos and channels become the catalogue).
+    pub dataset: &'a Dataset,
+    /// A folder written by `train two-tower`: `user_tower.onnx`, `shard.bin`,
+    /// `preprocessor.msgpack`.
+    pub two_tower: &'a Path,
+    /// A ranker in CatBoost's JSON format (`train ranker` writes `ranker.json`).
+    pub ranker: &'a Path,
+    /// Rules and experiments.
+    pub config: &'a Config,
+    /// Videos the business promotes.
+    pub promoted: &'a [u64],
+    /// Unix seconds of the build.
+    pub created_at: i64,
+    /// Lineage facts recorded in the header.
+    pub lineage: Vec<(String, String)>,
+    /// The model version; derived from the time and the sections' hashes when `None`.
+    pub model_version: Option<String>,
+}
+
+/// What was built.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BuiltBundle {
+    /// The bundle's sha256 (its content address).
+    pub sha256: String,
+    /// Its model version.
+    pub model_version: String,
+    /// Total bytes.
+    pub bytes: usize,
+    /// Bytes per section.
+    pub sections: Vec<(String, u64)>,
+}
+
+/// Why a bundle could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleBuildError {
+    /// An input file is missing or unreadable.
+    #[error("{path}: {cause} ({hint})")]
+    Input {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        cause: std::io::Error,
+        /// What produces it.
+        hint: &'static str,
+    },
+    /// A part does not load as the edge would load it.
+    #[error("{part}: {cause}")]
+    Part {
+        /// Which part.
+        part: &'static str,
+        /// Why.
+        cause: edge::Error,
+    },
+    /// The parts do not fit together.
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+fn read(path: &Path, hint: &'static str) -> Result<Vec<u8>, BundleBuildError> {
+    std::fs::read(path).map_err(|cause| BundleBuildError::Input {
+        path: path.to_owned(),
+        cause,
+        hint,
+    })
+}
+
+fn part(part: &'static str) -> impl Fn(edge::Error) -> BundleBuildError {
+    move |cause| BundleBuildError::Part { part, cause }
+}
+
+/// Assembles, verifies and returns the bundle's bytes with a summary.
+pub fn build_bundle(inputs: &BundleInputs<'_>) -> Result<(Vec<u8>, BuiltBundle), BundleBuildError> {
+    const TRAIN_TOWER: &str = "written by `control-plane train two-tower`";
+    let tower = read(&inputs.two_tower.join("user_tower.onnx"), TRAIN_TOWER)?;
+    let shard_bytes = read(&inputs.two_tower.join("shard.bin"), TRAIN_TOWER)?;
+    let preprocessor_bytes = read(&inputs.two_tower.join("preprocessor.msgpack"), TRAIN_TOWER)?;
+    let ranker_bytes = read(inputs.ranker, "written by `control-plane train ranker`")?;
+
+    // Every part loads as the edge will load it, and the parts agree with each other.
+    let shard = Shard::open(shard_bytes.clone()).map_err(part("shard.bin"))?;
+    Preprocessor::from_bytes(&preprocessor_bytes).map_err(part("preprocessor.msgpack"))?;
+    let ranker_text = std::str::from_utf8(&ranker_bytes).map_err(|e| {
+        BundleBuildError::Mismatch(format!("{}: not UTF-8 JSON: {e}", inputs.ranker.display()))
+    })?;
+    let ranker = RankerModel::from_catboost_json(ranker_text).map_err(part("ranker"))?;
+    if ranker.row_width() > COLUMNS.len() {
+        return Err(BundleBuildError::Mismatch(format!(
+            "{}: the model reads {} columns, the edge's ranker row has {}",
+            inputs.ranker.display(),
+            ranker.row_width(),
+            COLUMNS.len()
+        )));
+    }
+    let catalog = Catalog::build(
+        &inputs.dataset.videos,
+        &inputs.dataset.channels,
+        inputs.promoted,
+    )
+    .map_err(part("videos"))?;
+    if let Some(&id) = shard
+        .video_ids()
+        .iter()
+        .find(|&&id| catalog.get(id).is_none())
+    {
+        return Err(BundleBuildError::Mismatch(format!(
+            "the shard holds video {id}, which the data set's catalogue lacks (was the two-tower model trained on another data set?)"
+        )));
+    }
+    if let Some(&id) = inputs
+        .promoted
+        .iter()
+        .find(|&&id| catalog.get(id).is_none())
+    {
+        return Err(BundleBuildError::Mismatch(format!(
+            "promoted video {id} is not in the catalogue"
+        )));
+    }
+    let experiments = Experiments {
+        experiments: inputs.config.experiments.clone(),
+    };
+    experiments
+        .validate()
+        .map_err(|e| BundleBuildError::Mismatch(format!("experiments: {e}")))?;
+    inputs
+        .config
+        .rules
+        .validate()
+        .map_err(|e| BundleBuildError::Mismatch(format!("rules: {e}")))?;
+
+    let sections = [
+        (SectionKind::UserTower, tower),
+        (SectionKind::Shard, shard_bytes),
+        (SectionKind::Ranker, ranker_bytes),
+        (SectionKind::Preprocessor, preprocessor_bytes),
+        (SectionKind::Videos, catalog.to_bytes()),
+        (SectionKind::Rules, inputs.config.rules.to_bytes()),
+        (SectionKind::Experiments, experiments.to_bytes()),
+    ];
+    let model_version = inputs.model_version.clone().unwrap_or_else(|| {
+        let hashes: String = sections.iter().map(|(_, b)| sha256_hex(b)).collect();
+        format!(
+            "{}-{}",
+            inputs.created_at,
+            &sha256_hex(hashes.as_bytes())[..12]
+        )
+    });
+    let mut builder = BundleBuilder::new(model_version.clone(), inputs.created_at);
+    for (key, value) in &inputs.lineage {
+        builder = builder.lineage(key.clone(), value.clone());
+    }
+    for (kind, bytes) in sections {
+        builder = builder.section(kind, bytes);
+    }
+    let bytes = builder.to_bytes().map_err(part("bundle"))?;
+    let view = BundleView::parse(&bytes).map_err(part("bundle"))?;
+    Catalog::from_bytes(view.require(SectionKind::Videos).map_err(part("bundle"))?)
+        .map_err(part("videos"))?;
+    BusinessRules::from_bytes(view.require(SectionKind::Rules).map_err(part("bundle"))?)
+        .map_err(part("rules"))?;
+    Experiments::from_bytes(
+        view.require(SectionKind::Experiments)
+            .map_err(part("bundle"))?,
+    )
+    .map_err(part("experiments"))?;
+    let built = BuiltBundle {
+        sha256: sha256_hex(&bytes),
+        model_version,
+        bytes: bytes.len(),
+        sections: view
+            .header
+            .sections
+            .iter()
+            .map(|s| (s.kind.name().to_owned(), s.length))
+            .collect(),
+    };
+    Ok((bytes, built))
+}
