@@ -13,16 +13,14 @@ use control_plane::eval::positives_by_user;
 use control_plane::onnx_export::export_user_tower;
 use control_plane::synthetic::{GeneratorConfig, generate};
 use control_plane::two_tower::train;
-use edge::tower::{Viewer, encode_user};
-use tract_onnx::prelude::*;
+use edge::tower::{UserTower, Viewer, encode_user};
 
 /// A tower trained once for all tests: its ONNX bytes, inputs and candle's outputs.
 struct Fixture {
     onnx: Vec<u8>,
     inputs: Vec<edge::tower::UserTowerInput>,
     expected: Vec<f32>,
-    history: usize,
-    output_dim: usize,
+    spec: edge::tower::UserTowerSpec,
 }
 
 fn fixture() -> &'static Fixture {
@@ -96,8 +94,7 @@ fn build_fixture() -> Fixture {
         onnx: bytes,
         inputs,
         expected,
-        history: model.spec.history_length,
-        output_dim: model.spec.output_dim,
+        spec: model.spec.clone(),
     }
 }
 
@@ -110,68 +107,42 @@ fn largest_difference(found: impl IntoIterator<Item = f32>, expected: &[f32]) ->
 }
 
 #[test]
-fn tract_runs_the_exported_tower_like_candle() {
+fn the_edge_runs_the_exported_tower_like_candle() {
     let Fixture {
         onnx: bytes,
         inputs,
         expected,
-        history: h,
-        output_dim,
+        spec,
     } = fixture();
-    let n = inputs.len();
-    let h = *h;
-    let flat = |f: &dyn Fn(&edge::tower::UserTowerInput) -> Vec<i64>| -> Vec<i64> {
-        inputs.iter().flat_map(f).collect()
-    };
-    let tensors: TVec<TValue> = tvec![
-        Tensor::from_shape(&[n, h], &flat(&|i| i.history_videos.clone()))
-            .unwrap()
-            .into(),
-        Tensor::from_shape(&[n, h], &flat(&|i| i.history_categories.clone()))
-            .unwrap()
-            .into(),
-        Tensor::from_shape(
-            &[n, h],
-            &inputs
-                .iter()
-                .flat_map(|i| i.history_weights.clone())
-                .collect::<Vec<f32>>()
-        )
-        .unwrap()
-        .into(),
-        Tensor::from_shape(&[n], &flat(&|i| vec![i.country]))
-            .unwrap()
-            .into(),
-        Tensor::from_shape(&[n], &flat(&|i| vec![i.language]))
-            .unwrap()
-            .into(),
-        Tensor::from_shape(&[n], &flat(&|i| vec![i.age_bucket]))
-            .unwrap()
-            .into(),
-        Tensor::from_shape(&[n], &flat(&|i| vec![i.user]))
-            .unwrap()
-            .into(),
-        Tensor::from_shape(
-            &[n, 1],
-            &inputs.iter().map(|i| i.dense[0]).collect::<Vec<f32>>()
-        )
-        .unwrap()
-        .into(),
-    ];
-    let runnable = onnx()
-        .model_for_read(&mut &bytes[..])
-        .unwrap()
-        .into_optimized()
-        .unwrap()
-        .into_runnable()
-        .unwrap();
-    let outputs = runnable.run(tensors).unwrap();
-    let found = outputs[0].to_plain_array_view::<f32>().unwrap();
-    assert_eq!(found.shape(), &[n, *output_dim]);
+    // `edge::tower::UserTower` (tract-onnx) is what serves the tower.
+    let tower = UserTower::load(bytes, spec.clone()).unwrap();
+    let found = tower.embed(inputs).unwrap();
+    assert_eq!(found.len(), inputs.len() * spec.output_dim);
     let worst = largest_difference(found.iter().copied(), expected);
     assert!(
         worst < 1e-5,
         "largest difference between tract and candle: {worst}"
+    );
+    // One viewer at a time gives the same rows as the batch.
+    for (row, input) in inputs.iter().enumerate().step_by(97) {
+        let one = tower.embed(std::slice::from_ref(input)).unwrap();
+        let dim = spec.output_dim;
+        assert!(largest_difference(one, &found[row * dim..(row + 1) * dim]) < 1e-6);
+    }
+    assert!(tower.embed(&[]).unwrap().is_empty());
+    let mut short = inputs[0].clone();
+    short.history_videos.pop();
+    assert!(
+        tower
+            .embed(&[short])
+            .unwrap_err()
+            .to_string()
+            .contains("does not have a history of")
+    );
+    let err = UserTower::load(&bytes[..bytes.len() / 2], spec.clone()).unwrap_err();
+    assert!(
+        err.to_string().starts_with("cannot decode user tower"),
+        "{err}"
     );
 }
 
@@ -200,7 +171,7 @@ fn onnx_checker_and_onnxruntime_agree_with_candle() {
     let model = dir.path().join("user_tower.onnx");
     std::fs::write(&model, &fixture.onnx).unwrap();
     let n = fixture.inputs.len();
-    let h = fixture.history;
+    let h = fixture.spec.history_length;
     let ints = |f: &dyn Fn(&edge::tower::UserTowerInput) -> Vec<i64>| -> Vec<i64> {
         fixture.inputs.iter().flat_map(f).collect()
     };
@@ -235,7 +206,10 @@ fn onnx_checker_and_onnxruntime_agree_with_candle() {
     );
     let result: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&outputs).unwrap()).unwrap();
-    assert_eq!(result["shape"], serde_json::json!([n, fixture.output_dim]));
+    assert_eq!(
+        result["shape"],
+        serde_json::json!([n, fixture.spec.output_dim])
+    );
     let found = result["data"]
         .as_array()
         .unwrap()

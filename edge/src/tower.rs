@@ -124,6 +124,109 @@ pub fn encode_user<'c>(
     input
 }
 
+/// The user tower, parsed and optimised once (at bundle load) and then only run.
+pub struct UserTower {
+    model: std::sync::Arc<tract_onnx::prelude::TypedRunnableModel>,
+    spec: UserTowerSpec,
+}
+
+impl std::fmt::Debug for UserTower {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserTower")
+            .field("spec", &self.spec)
+            .finish()
+    }
+}
+
+fn tower_error(stage: &str, error: impl std::fmt::Display) -> crate::Error {
+    crate::Error::Decode {
+        artifact: "user tower",
+        message: format!("{stage}: {error}"),
+    }
+}
+
+impl UserTower {
+    /// Parses the ONNX bytes and optimises the graph for any batch size.
+    pub fn load(bytes: &[u8], spec: UserTowerSpec) -> Result<Self, crate::Error> {
+        use tract_onnx::prelude::*;
+        let model = onnx()
+            .model_for_read(&mut &bytes[..])
+            .map_err(|e| tower_error("not an ONNX model tract can read", e))?
+            .into_optimized()
+            .map_err(|e| tower_error("cannot optimise", e))?
+            .into_runnable()
+            .map_err(|e| tower_error("cannot plan", e))?;
+        Ok(Self { model, spec })
+    }
+
+    /// What the tower was trained with.
+    pub fn spec(&self) -> &UserTowerSpec {
+        &self.spec
+    }
+
+    /// The embeddings of `inputs`, row-major (`inputs.len() * spec.output_dim` values).
+    pub fn embed(&self, inputs: &[UserTowerInput]) -> Result<Vec<f32>, crate::Error> {
+        use tract_onnx::prelude::*;
+        let n = inputs.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let h = self.spec.history_length;
+        if let Some(bad) = inputs.iter().position(|i| {
+            i.history_videos.len() != h
+                || i.history_categories.len() != h
+                || i.history_weights.len() != h
+        }) {
+            return Err(tower_error(
+                "input",
+                format!("row {bad} does not have a history of {h}"),
+            ));
+        }
+        let ints = |f: &dyn Fn(&UserTowerInput) -> &[i64]| -> Vec<i64> {
+            inputs.iter().flat_map(|i| f(i).iter().copied()).collect()
+        };
+        let scalar =
+            |f: &dyn Fn(&UserTowerInput) -> i64| -> Vec<i64> { inputs.iter().map(f).collect() };
+        let shaped = |shape: &[usize], values: Vec<i64>| {
+            Tensor::from_shape(shape, &values).map_err(|e| tower_error("input", e))
+        };
+        let weights: Vec<f32> = inputs
+            .iter()
+            .flat_map(|i| i.history_weights.iter().copied())
+            .collect();
+        let dense: Vec<f32> = inputs.iter().map(|i| i.dense[0]).collect();
+        let tensors: TVec<TValue> = tvec![
+            shaped(&[n, h], ints(&|i| &i.history_videos))?.into(),
+            shaped(&[n, h], ints(&|i| &i.history_categories))?.into(),
+            Tensor::from_shape(&[n, h], &weights)
+                .map_err(|e| tower_error("input", e))?
+                .into(),
+            shaped(&[n], scalar(&|i| i.country))?.into(),
+            shaped(&[n], scalar(&|i| i.language))?.into(),
+            shaped(&[n], scalar(&|i| i.age_bucket))?.into(),
+            shaped(&[n], scalar(&|i| i.user))?.into(),
+            Tensor::from_shape(&[n, 1], &dense)
+                .map_err(|e| tower_error("input", e))?
+                .into(),
+        ];
+        let outputs = self.model.run(tensors).map_err(|e| tower_error("run", e))?;
+        let view = outputs[0]
+            .to_plain_array_view::<f32>()
+            .map_err(|e| tower_error("output", e))?;
+        if view.shape() != [n, self.spec.output_dim] {
+            return Err(tower_error(
+                "output",
+                format!(
+                    "shape {:?}, expected [{n}, {}]",
+                    view.shape(),
+                    self.spec.output_dim
+                ),
+            ));
+        }
+        Ok(view.iter().copied().collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
