@@ -10,6 +10,7 @@ use edge::ranker::RankerModel;
 use edge::ranker::features::COLUMNS;
 use edge::rules::{BusinessRules, Experiments};
 use edge::shard::Shard;
+use edge::tower::{UserTower, UserTowerSpec};
 
 use crate::config::Config;
 use crate::data::Dataset;
@@ -92,10 +93,28 @@ pub fn build_bundle(inputs: &BundleInputs<'_>) -> Result<(Vec<u8>, BuiltBundle),
     let tower = read(&inputs.two_tower.join("user_tower.onnx"), TRAIN_TOWER)?;
     let shard_bytes = read(&inputs.two_tower.join("shard.bin"), TRAIN_TOWER)?;
     let preprocessor_bytes = read(&inputs.two_tower.join("preprocessor.msgpack"), TRAIN_TOWER)?;
+    let report = read(&inputs.two_tower.join("report.json"), TRAIN_TOWER)?;
+    let spec: UserTowerSpec = serde_json::from_slice::<serde_json::Value>(&report)
+        .ok()
+        .and_then(|report| serde_json::from_value(report["spec"].clone()).ok())
+        .ok_or_else(|| {
+            BundleBuildError::Mismatch(format!(
+                "{}: no valid \"spec\" (retrain with `control-plane train two-tower`)",
+                inputs.two_tower.join("report.json").display()
+            ))
+        })?;
+    UserTower::load(&tower, spec.clone()).map_err(part("user_tower.onnx"))?;
     let ranker_bytes = read(inputs.ranker, "written by `control-plane train ranker`")?;
 
     // Every part loads as the edge will load it, and the parts agree with each other.
     let shard = Shard::open(shard_bytes.clone()).map_err(part("shard.bin"))?;
+    if shard.dim() != spec.output_dim {
+        return Err(BundleBuildError::Mismatch(format!(
+            "the shard holds {}-d vectors, the user tower outputs {}-d ones",
+            shard.dim(),
+            spec.output_dim
+        )));
+    }
     Preprocessor::from_bytes(&preprocessor_bytes).map_err(part("preprocessor.msgpack"))?;
     let ranker_text = std::str::from_utf8(&ranker_bytes).map_err(|e| {
         BundleBuildError::Mismatch(format!("{}: not UTF-8 JSON: {e}", inputs.ranker.display()))
@@ -147,6 +166,7 @@ pub fn build_bundle(inputs: &BundleInputs<'_>) -> Result<(Vec<u8>, BuiltBundle),
 
     let sections = [
         (SectionKind::UserTower, tower),
+        (SectionKind::TowerSpec, spec.to_bytes()),
         (SectionKind::Shard, shard_bytes),
         (SectionKind::Ranker, ranker_bytes),
         (SectionKind::Preprocessor, preprocessor_bytes),

@@ -37,6 +37,9 @@ pub const BUNDLE_FORMAT_VERSION: u32 = 1;
 pub enum SectionKind {
     /// The user tower as ONNX.
     UserTower,
+    /// What the user tower was trained with (`tower::UserTowerSpec`, MessagePack):
+    /// history length, recency decay, output dimension.
+    TowerSpec,
     /// The HNSW shard of video embeddings (`crate::shard`'s format).
     Shard,
     /// The ranker in CatBoost's JSON format.
@@ -53,8 +56,9 @@ pub enum SectionKind {
 
 impl SectionKind {
     /// Every kind, in the order the builder writes them.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::UserTower,
+        Self::TowerSpec,
         Self::Shard,
         Self::Ranker,
         Self::Preprocessor,
@@ -67,6 +71,7 @@ impl SectionKind {
     pub fn name(self) -> &'static str {
         match self {
             Self::UserTower => "user_tower",
+            Self::TowerSpec => "tower_spec",
             Self::Shard => "shard",
             Self::Ranker => "ranker",
             Self::Preprocessor => "preprocessor",

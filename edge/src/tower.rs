@@ -34,6 +34,26 @@ pub struct UserTowerSpec {
     pub output_dim: usize,
 }
 
+impl UserTowerSpec {
+    /// The bundle section's bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("a tower spec always serializes")
+    }
+
+    /// Decodes the bundle section; refuses a spec no tower can have.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, crate::Error> {
+        let invalid = |reason: String| crate::Error::InvalidBundle {
+            section: Some("tower_spec"),
+            reason: format!("is invalid: {reason}"),
+        };
+        let spec: Self = rmp_serde::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
+        if spec.history_length == 0 || spec.output_dim == 0 || !spec.recency_decay.is_finite() {
+            return Err(invalid(format!("{spec:?}")));
+        }
+        Ok(spec)
+    }
+}
+
 /// A viewer as serving knows them: everything may be missing.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Viewer {

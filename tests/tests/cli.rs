@@ -189,6 +189,32 @@ fn synthetic_data_from_generation_to_fitted_preprocessing() {
     )
     .unwrap();
     assert_eq!(catalog.len(), 300);
+    let spec = edge::tower::UserTowerSpec::from_bytes(
+        view.require(edge::bundle::SectionKind::TowerSpec).unwrap(),
+    )
+    .unwrap();
+    let tower = edge::tower::UserTower::load(
+        view.require(edge::bundle::SectionKind::UserTower).unwrap(),
+        spec.clone(),
+    )
+    .unwrap();
+    let anonymous = edge::tower::encode_user(
+        &edge::preprocess::Preprocessor::from_bytes(
+            view.require(edge::bundle::SectionKind::Preprocessor)
+                .unwrap(),
+        )
+        .unwrap(),
+        &spec,
+        &edge::tower::Viewer::default(),
+        &[],
+        |_| None,
+    );
+    let embedding = tower.embed(&[anonymous]).unwrap();
+    let norm: f32 = embedding.iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!(
+        (norm - 1.0).abs() < 1e-4,
+        "the tower's output is unit length: {norm}"
+    );
     assert!(catalog.get(3).unwrap().promoted() && !catalog.get(4).unwrap().promoted());
     let err = stderr_of_failure(
         &control_plane([
