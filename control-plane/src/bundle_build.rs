@@ -107,7 +107,7 @@ pub fn build_bundle(inputs: &BundleInputs<'_>) -> Result<(Vec<u8>, BuiltBundle),
     let ranker_bytes = read(inputs.ranker, "written by `control-plane train ranker`")?;
 
     // Every part loads as the edge will load it, and the parts agree with each other.
-    let shard = Shard::open(shard_bytes.clone()).map_err(part("shard.bin"))?;
+    let shard = Shard::open(shard_bytes).map_err(part("shard.bin"))?;
     if shard.dim() != spec.output_dim {
         return Err(BundleBuildError::Mismatch(format!(
             "the shard holds {}-d vectors, the user tower outputs {}-d ones",
@@ -167,7 +167,8 @@ pub fn build_bundle(inputs: &BundleInputs<'_>) -> Result<(Vec<u8>, BuiltBundle),
     let sections = [
         (SectionKind::UserTower, tower),
         (SectionKind::TowerSpec, spec.to_bytes()),
-        (SectionKind::Shard, shard_bytes),
+        // Opening validated the shard without changing its bytes.
+        (SectionKind::Shard, shard.into_bytes()),
         (SectionKind::Ranker, ranker_bytes),
         (SectionKind::Preprocessor, preprocessor_bytes),
         (SectionKind::Videos, catalog.to_bytes()),

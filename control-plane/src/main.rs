@@ -422,6 +422,49 @@ fn encode_titles(
     Ok(Some(vectors))
 }
 
+/// A model folder written by `train two-tower`, read back with the title vectors it
+/// was trained on.
+struct SavedTwoTower {
+    preprocessor: Preprocessor,
+    spec: edge::tower::UserTowerSpec,
+    tensors: std::collections::HashMap<String, candle_core::Tensor>,
+    title_vectors: Option<Vec<f32>>,
+}
+
+impl SavedTwoTower {
+    /// `title_model` overrides the one the folder's report.json names.
+    fn load(dir: &Path, title_model: Option<PathBuf>, videos: &[edge::Video]) -> Result<Self> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read(&path).with_context(|| {
+                format!(
+                    "{} (train the two-tower model first: control-plane train two-tower)",
+                    path.display()
+                )
+            })
+        };
+        let preprocessor = Preprocessor::from_bytes(&read("preprocessor.msgpack")?)?;
+        let report: serde_json::Value = serde_json::from_slice(&read("report.json")?)?;
+        let spec = serde_json::from_value(report["spec"].clone())
+            .context("report.json has no valid \"spec\"")?;
+        let weights = dir.join("model.safetensors");
+        let tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu)
+            .with_context(|| weights.display().to_string())?;
+        let title_model = title_model.or_else(|| report["title_model"].as_str().map(PathBuf::from));
+        let title_vectors = match title_model {
+            // Whatever the size: the saved model needs the vectors it was trained on.
+            Some(folder) => encode_titles(Some(&folder), videos, usize::MAX)?,
+            None => None,
+        };
+        Ok(Self {
+            preprocessor,
+            spec,
+            tensors,
+            title_vectors,
+        })
+    }
+}
+
 /// Loads the data set, its split and the two-tower model of `source`, then calls `body`
 /// with what ranker rows are built from, the evaluation set of the test part and the
 /// split folder.
@@ -436,40 +479,17 @@ fn with_two_tower(
         .model
         .clone()
         .unwrap_or_else(|| split_dir.join("two-tower"));
-    let read = |name: &str| {
-        let path = dir.join(name);
-        std::fs::read(&path).with_context(|| {
-            format!(
-                "{} (train the two-tower model first: control-plane train two-tower)",
-                path.display()
-            )
-        })
-    };
-    let preprocessor = Preprocessor::from_bytes(&read("preprocessor.msgpack")?)?;
-    let report: serde_json::Value = serde_json::from_slice(&read("report.json")?)?;
-    let spec = serde_json::from_value(report["spec"].clone())
-        .context("report.json has no valid \"spec\"")?;
-    let weights = dir.join("model.safetensors");
-    let tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu)
-        .with_context(|| weights.display().to_string())?;
-    let title_model = source
-        .title_model
-        .clone()
-        .or_else(|| report["title_model"].as_str().map(PathBuf::from));
-    let title_vectors = match title_model {
-        // Whatever the size: the saved model needs the vectors it was trained on.
-        Some(folder) => encode_titles(Some(&folder), &dataset.videos, usize::MAX)?,
-        None => None,
-    };
+    let saved = SavedTwoTower::load(&dir, source.title_model.clone(), &dataset.videos)?;
     let data = control_plane::two_tower::TrainingData {
-        preprocessor: &preprocessor,
+        preprocessor: &saved.preprocessor,
         videos: &dataset.videos,
         users: &dataset.users,
         split: &parts,
         rules: &config.engagement,
-        title_vectors: title_vectors.as_deref(),
+        title_vectors: saved.title_vectors.as_deref(),
     };
-    let retriever = control_plane::two_tower::TrainedRetriever::load(tensors, spec, &data)?;
+    let retriever =
+        control_plane::two_tower::TrainedRetriever::load(saved.tensors, saved.spec, &data)?;
     let set = EvalSet::new(&parts, &dataset.videos, &config.engagement, Part::Test);
     anyhow::ensure!(
         !set.users.is_empty(),
@@ -731,36 +751,20 @@ fn run(cli: Cli) -> Result<()> {
             let knn = ItemKnn::fit(&histories, &set.catalogue, args.neighbors);
             let mut reports = vec![evaluate(&popular, &set), evaluate(&knn, &set)];
             if let Some(dir) = &args.model {
-                let read = |name: &str| {
-                    let path = dir.join(name);
-                    std::fs::read(&path).with_context(|| path.display().to_string())
-                };
-                let preprocessor = Preprocessor::from_bytes(&read("preprocessor.msgpack")?)?;
-                let report: serde_json::Value = serde_json::from_slice(&read("report.json")?)?;
-                let spec = serde_json::from_value(report["spec"].clone())
-                    .context("report.json has no valid \"spec\"")?;
-                let weights = dir.join("model.safetensors");
-                let tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu)
-                    .with_context(|| weights.display().to_string())?;
-                let title_model = args
-                    .title_model
-                    .clone()
-                    .or_else(|| report["title_model"].as_str().map(PathBuf::from));
-                let title_vectors = match title_model {
-                    // Whatever the size: the saved model needs the vectors it was trained on.
-                    Some(folder) => encode_titles(Some(&folder), &dataset.videos, usize::MAX)?,
-                    None => None,
-                };
+                let saved = SavedTwoTower::load(dir, args.title_model.clone(), &dataset.videos)?;
                 let data = control_plane::two_tower::TrainingData {
-                    preprocessor: &preprocessor,
+                    preprocessor: &saved.preprocessor,
                     videos: &dataset.videos,
                     users: &dataset.users,
                     split: &parts,
                     rules,
-                    title_vectors: title_vectors.as_deref(),
+                    title_vectors: saved.title_vectors.as_deref(),
                 };
-                let trained =
-                    control_plane::two_tower::TrainedRetriever::load(tensors, spec, &data)?;
+                let trained = control_plane::two_tower::TrainedRetriever::load(
+                    saved.tensors,
+                    saved.spec,
+                    &data,
+                )?;
                 reports.push(evaluate(&trained, &set));
             }
             let comparison = Comparison { reports };

@@ -391,7 +391,6 @@ pub fn training_rows(
 pub struct CandidateLists {
     /// One request per user of the set, in its order; labels mark relevant videos.
     pub set: RankerSet,
-    users: Vec<u64>,
 }
 
 /// The first held-out interaction of each user of `part`: the request's time and device.
@@ -423,7 +422,6 @@ pub fn candidate_lists(
     let (ids, _) = sources.retriever.video_embeddings();
     let first = first_held_out(sources.data, part);
     let mut out = RankerSet::default();
-    let mut users = Vec::with_capacity(set.users.len());
     for (group, user) in set.users.iter().enumerate() {
         let scored = Scored::new(sources, user)?;
         let excluded: HashSet<u64> = user.history.iter().copied().collect();
@@ -460,9 +458,8 @@ pub fn candidate_lists(
                 &mut out,
             );
         }
-        users.push(user.user_id);
     }
-    Ok(CandidateLists { set: out, users })
+    Ok(CandidateLists { set: out })
 }
 
 impl CandidateLists {
@@ -470,9 +467,10 @@ impl CandidateLists {
     /// order), as a retriever that [`crate::eval::evaluate`] can measure.
     pub fn ordered_by(&self, name: &str, scores: &[f64]) -> OrderedLists {
         assert_eq!(scores.len(), self.set.len(), "one score per candidate row");
-        let mut lists = HashMap::with_capacity(self.users.len());
+        let mut lists = HashMap::new();
         let mut start = 0;
-        for (rows, &user) in self.set.groups.chunk_by(|a, b| a == b).zip(&self.users) {
+        for rows in self.set.groups.chunk_by(|a, b| a == b) {
+            let user = self.set.users[start];
             let mut order: Vec<usize> = (start..start + rows.len()).collect();
             order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
             lists.insert(
