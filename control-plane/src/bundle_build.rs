@@ -8,7 +8,7 @@ use edge::catalog::Catalog;
 use edge::preprocess::Preprocessor;
 use edge::ranker::RankerModel;
 use edge::ranker::features::COLUMNS;
-use edge::rules::{BusinessRules, Experiments};
+use edge::rules::Experiments;
 use edge::shard::Shard;
 use edge::tower::{UserTower, UserTowerSpec};
 
@@ -192,15 +192,8 @@ pub fn build_bundle(inputs: &BundleInputs<'_>) -> Result<(Vec<u8>, BuiltBundle),
     }
     let bytes = builder.to_bytes().map_err(part("bundle"))?;
     let view = BundleView::parse(&bytes).map_err(part("bundle"))?;
-    Catalog::from_bytes(view.require(SectionKind::Videos).map_err(part("bundle"))?)
-        .map_err(part("videos"))?;
-    BusinessRules::from_bytes(view.require(SectionKind::Rules).map_err(part("bundle"))?)
-        .map_err(part("rules"))?;
-    Experiments::from_bytes(
-        view.require(SectionKind::Experiments)
-            .map_err(part("bundle"))?,
-    )
-    .map_err(part("experiments"))?;
+    // The edge's own loader has the last word: what it refuses is never written.
+    edge::recommend::Recommender::from_bundle(&bytes).map_err(part("bundle"))?;
     let built = BuiltBundle {
         sha256: sha256_hex(&bytes),
         model_version,

@@ -78,12 +78,42 @@ pub enum Error {
         /// What is wrong, e.g. `is truncated: 100 of its 4096 bytes are present`.
         reason: String,
     },
+    /// A recommendation request that cannot be served as asked.
+    #[error("invalid request: `{field}` {reason}")]
+    InvalidRequest {
+        /// The field at fault, as spelled in the request, e.g. `user_features.age`.
+        field: String,
+        /// What is wrong and what is accepted.
+        reason: String,
+    },
+    /// `recommend` was called before any bundle was loaded.
+    #[error("no bundle is loaded: call load_bundle first")]
+    NoBundle,
     /// A query vector holds NaN or an infinity, which would make every score meaningless.
     #[error("query value at index {index} is not finite")]
     NonFiniteQuery {
         /// The position of the first non-finite value.
         index: usize,
     },
+}
+
+impl Error {
+    /// A stable machine-readable name of the error's kind, the `code` of `{code, message}`
+    /// answers: `invalid_request`, `invalid_bundle`, `no_bundle` or `internal` (a fault
+    /// of the bundle's models found while serving, e.g. a tower that returns the wrong
+    /// shape).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::InvalidRequest { .. } => "invalid_request",
+            Error::NoBundle => "no_bundle",
+            Error::InvalidBundle { .. }
+            | Error::Decode { .. }
+            | Error::FormatVersion { .. }
+            | Error::InvalidShard { .. }
+            | Error::InvalidRanker { .. } => "invalid_bundle",
+            _ => "internal",
+        }
+    }
 }
 
 /// A configuration value that is out of range, named by its dotted key

@@ -14,6 +14,7 @@ pub mod entities;
 mod error;
 pub mod preprocess;
 pub mod ranker;
+pub mod recommend;
 pub mod rules;
 pub mod shard;
 pub mod tower;

@@ -34,6 +34,8 @@ pub struct BusinessRules {
     pub promoted_positions: Vec<usize>,
     /// Videos in the popularity fallback for viewers without history.
     pub popular_fallback: usize,
+    /// The age that content ratings are checked against when a request gives none.
+    pub age_when_unknown: u8,
 }
 
 impl Default for BusinessRules {
@@ -49,6 +51,7 @@ impl Default for BusinessRules {
             freshness_half_life_days: 7.0,
             promoted_positions: vec![2],
             popular_fallback: 500,
+            age_when_unknown: 13,
         }
     }
 }

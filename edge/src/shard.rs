@@ -213,6 +213,14 @@ impl Shard {
         )
     }
 
+    /// The score a search gives the video at storage position `position` for `query`, or
+    /// `None` past the end or for a query of the wrong dimension (so that a candidate found
+    /// another way can be scored on the same scale as search hits).
+    pub fn score_at(&self, query: &[f32], position: usize) -> Option<f32> {
+        (position < self.len() && query.len() == self.dim)
+            .then(|| self.score(query, position as u32))
+    }
+
     /// A query for the `k` best videos, with the shard's beam width until
     /// [`Query::ef`] changes it.
     pub fn nns(&self, k: usize) -> Query<'_> {

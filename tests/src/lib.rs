@@ -52,3 +52,135 @@ pub fn stderr_of_failure(output: &Output, code: i32) -> String {
     );
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
+
+/// A small synthetic data set with a trained two-tower model, a ranker and a bundle built
+/// from them by the real command line, shared by the tests of one test binary.
+#[derive(Debug)]
+pub struct BundleFixture {
+    /// The working folder (data set, models, config).
+    pub dir: PathBuf,
+    /// The bundle file.
+    pub bundle: PathBuf,
+}
+
+/// Promoted videos of [`synthetic_bundle`].
+pub const FIXTURE_PROMOTED: [u64; 2] = [3, 5];
+
+/// The rules and experiment of [`synthetic_bundle`]: retrieval sized for a 400-video
+/// catalogue, one promoted slot at position 2, at most 2 videos per channel, and an
+/// experiment whose `one-per-channel` arm allows 1.
+pub const FIXTURE_CONFIG: &str = r#"
+[two_tower]
+epochs = 2
+hidden_layers = [32]
+
+[ranker]
+iterations = 40
+
+[rules]
+personalized_candidates = 60
+candidates_per_category = 30
+max_per_channel = 2
+promoted_positions = [2]
+
+[[experiments]]
+name = "channel-cap"
+salt = "2026-11"
+
+[[experiments.variants]]
+name = "control"
+weight = 1
+
+[[experiments.variants]]
+name = "one-per-channel"
+weight = 1
+
+[experiments.variants.rules]
+personalized_candidates = 60
+candidates_per_category = 30
+max_per_channel = 1
+promoted_positions = [2]
+"#;
+
+/// Builds the fixture once per test binary (about a minute in a debug build).
+pub fn synthetic_bundle() -> &'static BundleFixture {
+    static FIXTURE: std::sync::OnceLock<BundleFixture> = std::sync::OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        // Kept for the life of the test process: every test of the binary reads it.
+        let dir = tempfile::Builder::new()
+            .prefix("edgerec-fixture-")
+            .tempdir()
+            .expect("a temporary folder")
+            .keep();
+        let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+        std::fs::write(dir.join("edgerec.toml"), FIXTURE_CONFIG).expect("config written");
+        let steps: [Vec<String>; 5] = [
+            [
+                "generate",
+                "--users",
+                "600",
+                "--videos",
+                "400",
+                "--interactions",
+                "30000",
+                "--seed",
+                "11",
+                "--out",
+            ]
+            .map(String::from)
+            .into_iter()
+            .chain([path("data")])
+            .collect(),
+            vec!["split".into(), "--data".into(), path("data")],
+            vec![
+                "train".into(),
+                "two-tower".into(),
+                "--data".into(),
+                path("data"),
+                "--config".into(),
+                path("edgerec.toml"),
+                "--out".into(),
+                path("model"),
+            ],
+            vec![
+                "train".into(),
+                "ranker".into(),
+                "--data".into(),
+                path("data"),
+                "--config".into(),
+                path("edgerec.toml"),
+                "--model".into(),
+                path("model"),
+                "--out".into(),
+                path("ranker"),
+            ],
+            vec![
+                "bundle".into(),
+                "build".into(),
+                "--data".into(),
+                path("data"),
+                "--config".into(),
+                path("edgerec.toml"),
+                "--model".into(),
+                path("model"),
+                "--ranker".into(),
+                path("ranker/ranker.json"),
+                "--promoted".into(),
+                FIXTURE_PROMOTED.map(|id| id.to_string()).join(","),
+                "--model-version".into(),
+                "fixture-1".into(),
+                "--out".into(),
+                path("bundles"),
+            ],
+        ];
+        for step in steps {
+            stdout_of(&control_plane(&step));
+        }
+        let bundle = std::fs::read_dir(dir.join("bundles"))
+            .expect("bundle build wrote its folder")
+            .map(|entry| entry.expect("a readable folder").path())
+            .find(|p| p.extension().is_some_and(|e| e == "bundle"))
+            .expect("bundle build wrote a bundle");
+        BundleFixture { dir, bundle }
+    })
+}
