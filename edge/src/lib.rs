@@ -7,6 +7,7 @@
 //! random source, so the same code runs natively, in wasmtime, in workerd and in a browser.
 #![warn(missing_docs)]
 
+pub mod abi;
 pub mod bundle;
 pub mod catalog;
 pub mod engagement;

@@ -184,3 +184,12 @@ pub fn synthetic_bundle() -> &'static BundleFixture {
         BundleFixture { dir, bundle }
     })
 }
+
+/// The edge module that `cargo xtask test` built (`cargo xtask dist`), named by
+/// `EDGEREC_EDGE_WASM`.
+pub fn edge_wasm() -> Vec<u8> {
+    let path = std::env::var_os("EDGEREC_EDGE_WASM").expect(
+        "EDGEREC_EDGE_WASM is not set: run `cargo xtask test`, which builds the module and sets it",
+    );
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", PathBuf::from(path).display()))
+}

@@ -15,7 +15,9 @@ usage: cargo xtask <task> [args]
 
 tasks:
   demo       fetch data; generate, import, split, fit preprocessing, train the two-tower model and the ranker, build a bundle; print their metrics
-  test       fetch test data, build the binaries, run every test (args go to cargo test)
+  test       fetch test data, build the binaries and the edge module, run every test (args go to cargo test)
+  dist       build the edge module (raw ABI, release, wasm-opt -Oz when binaryen is installed)
+             into target/dist/edge.wasm and report its size
   fixtures   fetch MovieLens-100k and the all-MiniLM-L6-v2 title model into the cache
              folder and print their paths
 
@@ -64,6 +66,7 @@ fn main() -> std::process::ExitCode {
     let result = match task.as_deref() {
         Some("demo") => demo(),
         Some("test") => test(&rest),
+        Some("dist") => dist().map(|_| ()),
         Some("fixtures") => movielens().and_then(|ml100k| {
             let minilm = minilm()?;
             println!("{}\n{}", ml100k.display(), minilm.display());
@@ -283,7 +286,128 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| root().join("target"))
 }
 
+/// Makes sure `rustup` has the wasm32 target (idempotent; a no-op when it is there).
+fn wasm_target() -> Result<()> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("running rustup (edgerec is built with a rustup toolchain)")?;
+    if !String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.trim() == "wasm32-unknown-unknown")
+    {
+        run(Command::new("rustup").args(["target", "add", "wasm32-unknown-unknown"]))?;
+    }
+    Ok(())
+}
+
+/// Installs Debian's binaryen for `wasm-opt` when apt is usable; without it the module is
+/// only larger, so failure is reported, not fatal.
+fn wasm_opt() -> Option<PathBuf> {
+    let find = || {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("wasm-opt"))
+                .find(|p| p.is_file())
+        })
+    };
+    if let Some(path) = find() {
+        return Some(path);
+    }
+    eprintln!("xtask: installing binaryen (wasm-opt) with apt-get");
+    let installed = Command::new("apt-get")
+        .args(["install", "-y", "-q", "binaryen"])
+        .status()
+        .is_ok_and(|s| s.success())
+        || (Command::new("apt-get")
+            .args(["update", "-q"])
+            .status()
+            .is_ok_and(|s| s.success())
+            && Command::new("apt-get")
+                .args(["install", "-y", "-q", "binaryen"])
+                .status()
+                .is_ok_and(|s| s.success()));
+    if !installed {
+        eprintln!("xtask: warning: could not install binaryen; the module is not wasm-opt'ed");
+    }
+    find()
+}
+
+fn gzip_len(bytes: &[u8]) -> Result<usize> {
+    use std::io::Write;
+    let mut child = Command::new("gzip")
+        .args(["-9", "-c"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting gzip")?;
+    let mut stdin = child.stdin.take().context("gzip's stdin")?;
+    let input = bytes.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let output = child.wait_with_output()?;
+    writer.join().expect("the writer thread")?;
+    Ok(output.stdout.len())
+}
+
+/// Builds the raw-ABI module into `target/dist/edge.wasm` and returns its path.
+fn dist() -> Result<PathBuf> {
+    wasm_target()?;
+    // `cargo rustc --crate-type cdylib`: LTO is skipped for a crate that is both cdylib
+    // and rlib (shared/NOTES.md), and edge is an rlib for everything else.
+    run(cargo().args([
+        "rustc",
+        "--package",
+        "edge",
+        "--profile",
+        "wasm",
+        "--target",
+        "wasm32-unknown-unknown",
+        "--crate-type",
+        "cdylib",
+    ]))?;
+    let built = target_dir()
+        .join("wasm32-unknown-unknown")
+        .join("wasm")
+        .join("edge.wasm");
+    let dist = target_dir().join("dist");
+    std::fs::create_dir_all(&dist)?;
+    let out = dist.join("edge.wasm");
+    let stamp = dist.join("edge.wasm.source-sha256");
+    let source_sha = sha256_hex(&built)?;
+    let fresh =
+        out.is_file() && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == source_sha);
+    if !fresh {
+        match wasm_opt() {
+            Some(wasm_opt) => {
+                eprintln!("xtask: wasm-opt -Oz (about a minute)");
+                run(Command::new(wasm_opt)
+                    .arg("-Oz")
+                    .arg(&built)
+                    .arg("-o")
+                    .arg(&out))?;
+            }
+            None => {
+                std::fs::copy(&built, &out)?;
+            }
+        }
+        std::fs::write(&stamp, &source_sha)?;
+    }
+    let raw = std::fs::read(&built)?;
+    let optimised = std::fs::read(&out)?;
+    let mb = |n: usize| n as f64 / 1e6;
+    println!(
+        "edge.wasm: {:.2} MB ({:.2} MB gzipped) -> wasm-opt: {:.2} MB ({:.2} MB gzipped)\n{}",
+        mb(raw.len()),
+        mb(gzip_len(&raw)?),
+        mb(optimised.len()),
+        mb(gzip_len(&optimised)?),
+        out.display()
+    );
+    Ok(out)
+}
+
 fn test(args: &[OsString]) -> Result<()> {
+    let edge_wasm = dist()?;
     let ml100k = movielens()?;
     let title_model = minilm()?;
     let referee = referee_python()?;
@@ -299,7 +423,8 @@ fn test(args: &[OsString]) -> Result<()> {
         // candle's CPU barrier pool busy-waits; on a shared 2-core machine one thread is
         // faster (see shared/NOTES.md).
         .env("CANDLE_NUM_THREADS", "1")
-        .env("EDGEREC_BIN_DIR", target_dir().join("debug")))
+        .env("EDGEREC_BIN_DIR", target_dir().join("debug"))
+        .env("EDGEREC_EDGE_WASM", &edge_wasm))
 }
 
 fn demo() -> Result<()> {

@@ -1,0 +1,229 @@
+//! The edge module (`cargo xtask dist`'s build) in wasmtime, through the raw ABI, against
+//! the same code run natively: identical answers to the same requests, and bad input
+//! answered with errors, never traps.
+
+use edge::recommend::{Recommender, Request, Response, StageMs};
+use edgerec_e2e::{edge_wasm, synthetic_bundle};
+use host::module::{CallError, EdgeInstance, EdgeModule, Limits};
+
+const NOW: i64 = 1_795_000_000;
+
+/// SplitMix64: a reproducible stream for the request generator.
+struct Stream(u64);
+
+impl Stream {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// `count` varied requests: known, unknown and anonymous viewers, histories, filters,
+/// preferences, and a few that must be refused.
+fn requests(native: &Recommender, count: usize) -> Vec<Request> {
+    let catalog = native.catalog();
+    let ids: Vec<u64> = catalog.iter().map(|v| v.video_id()).collect();
+    let mut categories: Vec<String> = catalog.iter().map(|v| v.category().to_owned()).collect();
+    categories.sort();
+    categories.dedup();
+    let mut languages: Vec<String> = catalog.iter().map(|v| v.language().to_owned()).collect();
+    languages.sort();
+    languages.dedup();
+    let countries = ["US", "GB", "DE", "FR", "BR", "JP", "IN", "MX", "ES", "KR"];
+    let mut stream = Stream(2026);
+    (0..count)
+        .map(|_| {
+            let mut request = Request::new(1 + stream.below(40) as u32, NOW);
+            request.timestamp = NOW - stream.below(86_400 * 30) as i64;
+            if stream.chance(90) {
+                request.user_id = Some(stream.below(700));
+            }
+            let history = stream.below(30) as usize;
+            request.watch_history = (0..history).map(|_| *stream.pick(&ids)).collect();
+            if stream.chance(60) {
+                request.user_features.age = Some(8.0 + stream.below(60) as f64);
+            }
+            if stream.chance(60) {
+                request.user_features.country = Some((*stream.pick(&countries)).to_owned());
+            }
+            if stream.chance(50) {
+                request.user_features.language = Some(stream.pick(&languages).clone());
+            }
+            if stream.chance(30) {
+                request.user_features.device = Some((*stream.pick(&["mobile", "tv"])).into());
+            }
+            if stream.chance(20) {
+                request.exclude_watched = Some(stream.chance(50));
+            }
+            if stream.chance(20) {
+                request.excluded_video_ids = (0..5).map(|_| *stream.pick(&ids)).collect();
+            }
+            if stream.chance(20) {
+                request.user_preferences.categories = vec![stream.pick(&categories).clone()];
+            }
+            if stream.chance(5) {
+                request.user_preferences.languages = vec![stream.pick(&languages).clone()];
+            }
+            if stream.chance(3) {
+                request.n = 200;
+            }
+            if stream.chance(3) {
+                match stream.below(3) {
+                    0 => request.n = 0,
+                    1 => request.user_features.age = Some(-1.0),
+                    _ => request.n = 5_000,
+                }
+            }
+            request
+        })
+        .collect()
+}
+
+/// Compiled once per test binary (Cranelift takes seconds on this module).
+fn module() -> &'static EdgeModule {
+    static MODULE: std::sync::OnceLock<EdgeModule> = std::sync::OnceLock::new();
+    MODULE.get_or_init(|| EdgeModule::load(&edge_wasm(), None).unwrap())
+}
+
+fn instance(module: &EdgeModule, bundle: &[u8]) -> EdgeInstance {
+    let mut instance = module.instantiate(Limits::default()).unwrap();
+    instance.load_bundle(bundle).unwrap();
+    instance
+}
+
+/// A response without the host clock's stage times (native runs record none).
+fn untimed(mut response: Response) -> Response {
+    response.metadata.stage_ms = StageMs::default();
+    response.metadata.latency_ms = 0.0;
+    response
+}
+
+#[test]
+fn a_thousand_requests_answer_identically_in_wasmtime_and_natively() {
+    let bundle = std::fs::read(&synthetic_bundle().bundle).unwrap();
+    let native = Recommender::from_bundle(&bundle).unwrap();
+    let mut wasm = instance(module(), &bundle);
+    let mut answered = 0;
+    let mut refused = 0;
+    for (index, request) in requests(&native, 1000).into_iter().enumerate() {
+        let bytes = rmp_serde::to_vec_named(&request).unwrap();
+        let expected = native
+            .start(request.clone())
+            .map(|run| run.finish(&native, StageMs::default()));
+        match (expected, wasm.recommend(&bytes)) {
+            (Ok(expected), Ok(answer)) => {
+                let got: Response = rmp_serde::from_slice(&answer.response).unwrap();
+                assert_eq!(untimed(got), expected, "request {index}: {request:?}");
+                assert!(answer.stage_ms.iter().all(|ms| *ms >= 0.0));
+                answered += 1;
+            }
+            (Err(expected), Err(CallError::Refused { code, message })) => {
+                assert_eq!(
+                    (code.as_str(), message),
+                    (expected.code(), expected.to_string()),
+                    "request {index}"
+                );
+                refused += 1;
+            }
+            (expected, got) => panic!("request {index}: native {expected:?}, wasm {got:?}"),
+        }
+    }
+    assert!(
+        answered > 900 && refused > 0,
+        "{answered} answered, {refused} refused"
+    );
+}
+
+#[test]
+fn bad_input_gets_errors_and_the_instance_keeps_serving() {
+    let bundle = std::fs::read(&synthetic_bundle().bundle).unwrap();
+    let mut wasm = module().instantiate(Limits::default()).unwrap();
+    let request = rmp_serde::to_vec_named(&Request::new(10, NOW)).unwrap();
+
+    let refusal = |result: Result<_, CallError>| match result {
+        Err(CallError::Refused { code, message }) => (code, message),
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let (code, _) = refusal(wasm.recommend(&request).map(|_| ()));
+    assert_eq!(code, "no_bundle", "recommend before any bundle");
+
+    let (code, message) = refusal(wasm.load_bundle(&bundle[..bundle.len() / 3]));
+    assert_eq!(code, "invalid_bundle", "{message}");
+    assert!(message.contains("section"), "{message}");
+    let (code, _) = refusal(wasm.load_bundle(b"not a bundle at all"));
+    assert_eq!(code, "invalid_bundle");
+
+    wasm.load_bundle(&bundle).unwrap();
+    let good = wasm.recommend(&request).unwrap();
+
+    let mut corrupt = bundle.clone();
+    let at = corrupt.len() / 2;
+    corrupt[at] ^= 1;
+    let (code, _) = refusal(wasm.load_bundle(&corrupt));
+    assert_eq!(code, "invalid_bundle");
+    let (code, message) = refusal(wasm.recommend(b"\x92\xc1 not msgpack").map(|_| ()));
+    assert_eq!(code, "invalid_request", "{message}");
+    let (code, _) = refusal(wasm.recommend(b"").map(|_| ()));
+    assert_eq!(code, "invalid_request");
+    let mut huge = Request::new(1_000_000, NOW);
+    huge.watch_history = (0..100_000).collect();
+    let (code, message) = refusal(
+        wasm.recommend(&rmp_serde::to_vec_named(&huge).unwrap())
+            .map(|_| ()),
+    );
+    assert_eq!(code, "invalid_request", "{message}");
+    let mut nan_age = Request::new(10, NOW);
+    nan_age.user_features.age = Some(f64::NAN);
+    let (code, message) = refusal(
+        wasm.recommend(&rmp_serde::to_vec_named(&nan_age).unwrap())
+            .map(|_| ()),
+    );
+    assert!(
+        code == "invalid_request" && message.contains("age"),
+        "{message}"
+    );
+
+    // After every refusal the last good bundle still serves, with the same answer.
+    let again = wasm.recommend(&request).unwrap();
+    assert_eq!(
+        untimed(rmp_serde::from_slice(&again.response).unwrap()),
+        untimed(rmp_serde::from_slice(&good.response).unwrap())
+    );
+}
+
+#[test]
+fn the_precompiled_module_is_cached_and_reused() {
+    let cache = tempfile::tempdir().unwrap();
+    let wasm = edge_wasm();
+    let first = EdgeModule::load(&wasm, Some(cache.path())).unwrap();
+    let path = first.cached_at.clone().unwrap();
+    let written = std::fs::metadata(&path).unwrap().modified().unwrap();
+    drop(first);
+    let second = EdgeModule::load(&wasm, Some(cache.path())).unwrap();
+    assert_eq!(second.cached_at.as_deref(), Some(path.as_path()));
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().modified().unwrap(),
+        written,
+        "the second load reads the compilation, it does not redo it"
+    );
+    let bundle = std::fs::read(&synthetic_bundle().bundle).unwrap();
+    let mut served = instance(&second, &bundle);
+    served
+        .recommend(&rmp_serde::to_vec_named(&Request::new(5, NOW)).unwrap())
+        .unwrap();
+}
