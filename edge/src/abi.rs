@@ -272,3 +272,67 @@ mod exports {
         with(|door| door.output().len() as u32)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize)]
+    struct Body {
+        code: String,
+        message: String,
+    }
+
+    fn error(door: &Door) -> Body {
+        rmp_serde::from_slice(door.output()).expect("an error body")
+    }
+
+    fn filled(door: &mut Door, bytes: &[u8]) -> usize {
+        let address = door.alloc(bytes.len()).unwrap();
+        door.buffer_mut(address).unwrap()[..bytes.len()].copy_from_slice(bytes);
+        address
+    }
+
+    #[test]
+    fn buffers_are_distinct_and_checked() {
+        let mut door = Door::default();
+        let a = door.alloc(0).unwrap();
+        let b = door.alloc(0).unwrap();
+        assert_ne!(a, b, "even empty buffers have their own address");
+        assert_eq!(door.load_bundle(a + 1, 0), FAILED);
+        let body = error(&door);
+        assert_eq!(body.code, "bad_buffer", "{}", body.message);
+        assert_eq!(door.load_bundle(b, 2), FAILED);
+        assert_eq!(
+            error(&door).code,
+            "bad_buffer",
+            "a length beyond the buffer"
+        );
+        door.dealloc(a);
+        assert_eq!(door.load_bundle(a, 0), FAILED, "freed");
+        assert_eq!(
+            door.alloc(usize::MAX),
+            None,
+            "exhaustion is a 0, not an abort"
+        );
+    }
+
+    #[test]
+    fn calls_out_of_order_are_refused() {
+        let mut door = Door::default();
+        let request = rmp_serde::to_vec_named(&Request::new(5, 0)).unwrap();
+        let address = filled(&mut door, &request);
+        assert_eq!(door.recommend(address, request.len()), FAILED);
+        assert_eq!(error(&door).code, "no_bundle");
+        assert_eq!(door.recommend_step(), -1);
+        assert_eq!(error(&door).code, "invalid_request");
+        let times = rmp_serde::to_vec(&[0.0f64; 5]).unwrap();
+        let address = filled(&mut door, &times);
+        assert_eq!(door.recommend_finish(address, times.len()), FAILED);
+        assert_eq!(error(&door).code, "invalid_request");
+        let address = filled(&mut door, b"edgerec? no");
+        assert_eq!(door.load_bundle(address, 11), FAILED);
+        assert_eq!(error(&door).code, "invalid_bundle");
+        assert!(door.buffers.is_empty(), "every call took its buffer");
+    }
+}

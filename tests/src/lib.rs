@@ -193,3 +193,101 @@ pub fn edge_wasm() -> Vec<u8> {
     );
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", PathBuf::from(path).display()))
 }
+
+/// Reproducible recommendation requests for parity tests and benchmarks.
+pub mod requests {
+    use edge::catalog::Catalog;
+    use edge::recommend::Request;
+
+    /// Unix seconds the requests are made around (late 2026).
+    pub const NOW: i64 = 1_795_000_000;
+
+    /// SplitMix64: a reproducible stream for the request generator.
+    pub struct Stream(pub u64);
+
+    impl Stream {
+        /// The next value.
+        pub fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        /// A value below `n`.
+        pub fn below(&mut self, n: u64) -> u64 {
+            self.next_u64() % n
+        }
+
+        /// One of `items`.
+        pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+            &items[self.below(items.len() as u64) as usize]
+        }
+
+        /// True `percent` times in 100.
+        pub fn chance(&mut self, percent: u64) -> bool {
+            self.below(100) < percent
+        }
+    }
+
+    /// `count` varied requests at `now`: known, unknown and anonymous viewers, histories,
+    /// filters, preferences, and with `invalid`, about 3% that must be refused.
+    pub fn varied_requests(catalog: &Catalog, count: usize, invalid: bool) -> Vec<Request> {
+        let ids: Vec<u64> = catalog.iter().map(|v| v.video_id()).collect();
+        let mut categories: Vec<String> = catalog.iter().map(|v| v.category().to_owned()).collect();
+        categories.sort();
+        categories.dedup();
+        let mut languages: Vec<String> = catalog.iter().map(|v| v.language().to_owned()).collect();
+        languages.sort();
+        languages.dedup();
+        let countries = ["US", "GB", "DE", "FR", "BR", "JP", "IN", "MX", "ES", "KR"];
+        let mut stream = Stream(2026);
+        (0..count)
+            .map(|_| {
+                let mut request = Request::new(1 + stream.below(40) as u32, NOW);
+                request.timestamp = NOW - stream.below(86_400 * 30) as i64;
+                if stream.chance(90) {
+                    request.user_id = Some(stream.below(700));
+                }
+                let history = stream.below(30) as usize;
+                request.watch_history = (0..history).map(|_| *stream.pick(&ids)).collect();
+                if stream.chance(60) {
+                    request.user_features.age = Some(8.0 + stream.below(60) as f64);
+                }
+                if stream.chance(60) {
+                    request.user_features.country = Some((*stream.pick(&countries)).to_owned());
+                }
+                if stream.chance(50) {
+                    request.user_features.language = Some(stream.pick(&languages).clone());
+                }
+                if stream.chance(30) {
+                    request.user_features.device = Some((*stream.pick(&["mobile", "tv"])).into());
+                }
+                if stream.chance(20) {
+                    request.exclude_watched = Some(stream.chance(50));
+                }
+                if stream.chance(20) {
+                    request.excluded_video_ids = (0..5).map(|_| *stream.pick(&ids)).collect();
+                }
+                if stream.chance(20) {
+                    request.user_preferences.categories = vec![stream.pick(&categories).clone()];
+                }
+                if stream.chance(5) {
+                    request.user_preferences.languages = vec![stream.pick(&languages).clone()];
+                }
+                if stream.chance(3) {
+                    request.n = 200;
+                }
+                if invalid && stream.chance(3) {
+                    match stream.below(3) {
+                        0 => request.n = 0,
+                        1 => request.user_features.age = Some(-1.0),
+                        _ => request.n = 5_000,
+                    }
+                }
+                request
+            })
+            .collect()
+    }
+}

@@ -3,96 +3,11 @@
 //! answered with errors, never traps.
 
 use edge::recommend::{Recommender, Request, Response, StageMs};
+use edgerec_e2e::requests::varied_requests;
 use edgerec_e2e::{edge_wasm, synthetic_bundle};
 use host::module::{CallError, EdgeInstance, EdgeModule, Limits};
 
 const NOW: i64 = 1_795_000_000;
-
-/// SplitMix64: a reproducible stream for the request generator.
-struct Stream(u64);
-
-impl Stream {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
-
-/// `count` varied requests: known, unknown and anonymous viewers, histories, filters,
-/// preferences, and a few that must be refused.
-fn requests(native: &Recommender, count: usize) -> Vec<Request> {
-    let catalog = native.catalog();
-    let ids: Vec<u64> = catalog.iter().map(|v| v.video_id()).collect();
-    let mut categories: Vec<String> = catalog.iter().map(|v| v.category().to_owned()).collect();
-    categories.sort();
-    categories.dedup();
-    let mut languages: Vec<String> = catalog.iter().map(|v| v.language().to_owned()).collect();
-    languages.sort();
-    languages.dedup();
-    let countries = ["US", "GB", "DE", "FR", "BR", "JP", "IN", "MX", "ES", "KR"];
-    let mut stream = Stream(2026);
-    (0..count)
-        .map(|_| {
-            let mut request = Request::new(1 + stream.below(40) as u32, NOW);
-            request.timestamp = NOW - stream.below(86_400 * 30) as i64;
-            if stream.chance(90) {
-                request.user_id = Some(stream.below(700));
-            }
-            let history = stream.below(30) as usize;
-            request.watch_history = (0..history).map(|_| *stream.pick(&ids)).collect();
-            if stream.chance(60) {
-                request.user_features.age = Some(8.0 + stream.below(60) as f64);
-            }
-            if stream.chance(60) {
-                request.user_features.country = Some((*stream.pick(&countries)).to_owned());
-            }
-            if stream.chance(50) {
-                request.user_features.language = Some(stream.pick(&languages).clone());
-            }
-            if stream.chance(30) {
-                request.user_features.device = Some((*stream.pick(&["mobile", "tv"])).into());
-            }
-            if stream.chance(20) {
-                request.exclude_watched = Some(stream.chance(50));
-            }
-            if stream.chance(20) {
-                request.excluded_video_ids = (0..5).map(|_| *stream.pick(&ids)).collect();
-            }
-            if stream.chance(20) {
-                request.user_preferences.categories = vec![stream.pick(&categories).clone()];
-            }
-            if stream.chance(5) {
-                request.user_preferences.languages = vec![stream.pick(&languages).clone()];
-            }
-            if stream.chance(3) {
-                request.n = 200;
-            }
-            if stream.chance(3) {
-                match stream.below(3) {
-                    0 => request.n = 0,
-                    1 => request.user_features.age = Some(-1.0),
-                    _ => request.n = 5_000,
-                }
-            }
-            request
-        })
-        .collect()
-}
 
 /// Compiled once per test binary (Cranelift takes seconds on this module).
 fn module() -> &'static EdgeModule {
@@ -120,7 +35,10 @@ fn a_thousand_requests_answer_identically_in_wasmtime_and_natively() {
     let mut wasm = instance(module(), &bundle);
     let mut answered = 0;
     let mut refused = 0;
-    for (index, request) in requests(&native, 1000).into_iter().enumerate() {
+    for (index, request) in varied_requests(native.catalog(), 1000, true)
+        .into_iter()
+        .enumerate()
+    {
         let bytes = rmp_serde::to_vec_named(&request).unwrap();
         let expected = native
             .start(request.clone())

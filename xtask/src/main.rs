@@ -16,6 +16,8 @@ usage: cargo xtask <task> [args]
 tasks:
   demo       fetch data; generate, import, split, fit preprocessing, train the two-tower model and the ranker, build a bundle; print their metrics
   test       fetch test data, build the binaries and the edge module, run every test (args go to cargo test)
+  bench      build a 100,000-video bundle (once, cached; --rebuild to redo it) and the
+             edge module, then measure load and recommend in wasmtime against native
   dist       build the edge module (raw ABI, release, wasm-opt -Oz when binaryen is installed)
              into target/dist/edge.wasm and report its size
   fixtures   fetch MovieLens-100k and the all-MiniLM-L6-v2 title model into the cache
@@ -67,6 +69,7 @@ fn main() -> std::process::ExitCode {
         Some("demo") => demo(),
         Some("test") => test(&rest),
         Some("dist") => dist().map(|_| ()),
+        Some("bench") => bench(&rest),
         Some("fixtures") => movielens().and_then(|ml100k| {
             let minilm = minilm()?;
             println!("{}\n{}", ml100k.display(), minilm.display());
@@ -424,6 +427,104 @@ fn test(args: &[OsString]) -> Result<()> {
         // faster (see shared/NOTES.md).
         .env("CANDLE_NUM_THREADS", "1")
         .env("EDGEREC_BIN_DIR", target_dir().join("debug"))
+        .env("EDGEREC_EDGE_WASM", &edge_wasm))
+}
+
+/// The bench bundle's rules: 500 trees of depth 6 (early stopping off), ~300 candidates.
+const BENCH_CONFIG: &str = "\
+[two_tower]
+epochs = 1
+
+[ranker]
+iterations = 500
+depth = 6
+early_stopping_rounds = 500
+
+[rules]
+personalized_candidates = 200
+category_queries = 2
+candidates_per_category = 50
+";
+
+fn bench(args: &[OsString]) -> Result<()> {
+    let rebuild = args.iter().any(|a| a == "--rebuild");
+    let edge_wasm = dist()?;
+    let dir = cache_dir()?.join("bench").join("edge-100k");
+    let bundles = dir.join("bundles");
+    let existing = || -> Option<PathBuf> {
+        std::fs::read_dir(&bundles)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|e| e == "bundle"))
+    };
+    if rebuild || existing().is_none() {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        run(cargo().args(["build", "--release", "--package", "control-plane"]))?;
+        let control_plane = target_dir().join("release").join("control-plane");
+        let config = dir.join("edgerec.toml");
+        std::fs::write(&config, BENCH_CONFIG)?;
+        let data = dir.join("data");
+        eprintln!(
+            "xtask: building the 100,000-video bench bundle in {} (once; 10-20 minutes)",
+            dir.display()
+        );
+        let step = |args: &[&dyn AsRef<std::ffi::OsStr>]| {
+            let mut command = Command::new(&control_plane);
+            command.env("CANDLE_NUM_THREADS", "1");
+            for arg in args {
+                command.arg(arg);
+            }
+            run(&mut command)
+        };
+        step(&[
+            &"generate",
+            &"--users",
+            &"20000",
+            &"--videos",
+            &"100000",
+            &"--interactions",
+            &"400000",
+            &"--seed",
+            &"7",
+            &"--out",
+            &data,
+        ])?;
+        step(&[&"split", &"--data", &data])?;
+        step(&[
+            &"train",
+            &"two-tower",
+            &"--data",
+            &data,
+            &"--config",
+            &config,
+        ])?;
+        step(&[&"train", &"ranker", &"--data", &data, &"--config", &config])?;
+        step(&[
+            &"bundle",
+            &"build",
+            &"--data",
+            &data,
+            &"--config",
+            &config,
+            &"--promoted",
+            &"1,2,3",
+            &"--out",
+            &bundles,
+        ])?;
+    }
+    let bundle = existing().context("the bench bundle was not written")?;
+    run(cargo()
+        .args([
+            "bench",
+            "--package",
+            "edgerec-e2e",
+            "--bench",
+            "edge_module",
+        ])
+        .env("EDGEREC_BENCH_BUNDLE", &bundle)
         .env("EDGEREC_EDGE_WASM", &edge_wasm))
 }
 
