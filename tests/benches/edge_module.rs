@@ -60,10 +60,11 @@ fn main() -> anyhow::Result<()> {
     println!("module: {:.2} MB", wasm.len() as f64 / 1e6);
 
     let cache = tempfile::tempdir()?;
-    let compiled = EdgeModule::load(&wasm, Some(cache.path()))?;
+    let compiled = EdgeModule::load(&wasm, Some(cache.path()), false)?;
     let cold_compile = compiled.compile_time;
     drop(compiled);
-    let module = EdgeModule::load(&wasm, Some(cache.path()))?;
+    let module = EdgeModule::load(&wasm, Some(cache.path()), false)?;
+    let guarded = EdgeModule::load(&wasm, Some(cache.path()), true)?;
     println!(
         "compile with Cranelift: {:.0} ms; load the cached compilation: {:.1} ms",
         ms(cold_compile),
@@ -86,6 +87,8 @@ fn main() -> anyhow::Result<()> {
         drop(native);
     }
     let mut instance = instance.expect("at least one load");
+    let mut guarded = guarded.instantiate(Limits::default())?;
+    guarded.load_bundle(&bundle)?;
     let native = Recommender::from_bundle(&bundle)?;
     let (wasm_median, wasm_p99) = summary(wasm_loads);
     let (native_median, native_p99) = summary(native_loads);
@@ -96,6 +99,7 @@ fn main() -> anyhow::Result<()> {
 
     // Requests alternate between the two builds, so both see the same machine noise.
     let batch = varied_requests(native.catalog(), requests, false);
+    let mut guarded_total = Vec::new();
     let mut wasm_total = Vec::new();
     let mut native_total = Vec::new();
     let mut wasm_stages: [Vec<f64>; 5] = Default::default();
@@ -109,6 +113,10 @@ fn main() -> anyhow::Result<()> {
         for (slot, value) in wasm_stages.iter_mut().zip(answer.stage_ms) {
             slot.push(value);
         }
+
+        let started = Instant::now();
+        guarded.recommend(&bytes)?;
+        guarded_total.push(ms(started.elapsed()));
 
         let origin = Instant::now();
         let mut clock = || ms(origin.elapsed());
@@ -150,6 +158,10 @@ fn main() -> anyhow::Result<()> {
             std::mem::take(&mut native_stages[index]),
         );
     }
-    row("total", wasm_total, native_total);
+    row("total", wasm_total, native_total.clone());
+    row("deadlines", guarded_total, native_total);
+    println!(
+        "  (wasm: no deadline checks; `deadlines`: the same module compiled with epoch interruption, end to end)"
+    );
     Ok(())
 }

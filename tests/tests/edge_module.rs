@@ -12,7 +12,7 @@ const NOW: i64 = 1_795_000_000;
 /// Compiled once per test binary (Cranelift takes seconds on this module).
 fn module() -> &'static EdgeModule {
     static MODULE: std::sync::OnceLock<EdgeModule> = std::sync::OnceLock::new();
-    MODULE.get_or_init(|| EdgeModule::load(&edge_wasm(), None).unwrap())
+    MODULE.get_or_init(|| EdgeModule::load(&edge_wasm(), None, true).unwrap())
 }
 
 fn instance(module: &EdgeModule, bundle: &[u8]) -> EdgeInstance {
@@ -128,11 +128,11 @@ fn bad_input_gets_errors_and_the_instance_keeps_serving() {
 fn the_precompiled_module_is_cached_and_reused() {
     let cache = tempfile::tempdir().unwrap();
     let wasm = edge_wasm();
-    let first = EdgeModule::load(&wasm, Some(cache.path())).unwrap();
+    let first = EdgeModule::load(&wasm, Some(cache.path()), true).unwrap();
     let path = first.cached_at.clone().unwrap();
     let written = std::fs::metadata(&path).unwrap().modified().unwrap();
     drop(first);
-    let second = EdgeModule::load(&wasm, Some(cache.path())).unwrap();
+    let second = EdgeModule::load(&wasm, Some(cache.path()), true).unwrap();
     assert_eq!(second.cached_at.as_deref(), Some(path.as_path()));
     assert_eq!(
         std::fs::metadata(&path).unwrap().modified().unwrap(),
