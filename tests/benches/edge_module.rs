@@ -35,6 +35,70 @@ fn env_number(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// Where native loading spends its time, part by part (the same steps as
+/// `Recommender::from_bundle`, median of 5).
+fn load_breakdown(bundle: &[u8]) -> anyhow::Result<()> {
+    use edge::bundle::SectionKind;
+    use edge::catalog::Catalog;
+    use edge::preprocess::Preprocessor;
+    use edge::ranker::RankerModel;
+    use edge::shard::Shard;
+    use edge::tower::{UserTower, UserTowerSpec};
+
+    let view = BundleView::parse(bundle)?;
+    let spec = UserTowerSpec::from_bytes(view.require(SectionKind::TowerSpec)?)?;
+    let time = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+        let mut samples = Vec::new();
+        for _ in 0..5 {
+            let started = Instant::now();
+            f()?;
+            samples.push(ms(started.elapsed()));
+        }
+        Ok(summary(samples).0)
+    };
+    let parts = [
+        (
+            "parse + sha256 of every section",
+            time(&mut || Ok(BundleView::parse(bundle).map(drop)?))?,
+        ),
+        (
+            "user tower (tract: parse, optimise)",
+            time(&mut || {
+                Ok(
+                    UserTower::load(view.require(SectionKind::UserTower)?, spec.clone())
+                        .map(drop)?,
+                )
+            })?,
+        ),
+        (
+            "shard (copy, validate)",
+            time(&mut || Ok(Shard::open(view.require(SectionKind::Shard)?.to_vec()).map(drop)?))?,
+        ),
+        (
+            "catalogue (MessagePack)",
+            time(&mut || Ok(Catalog::from_bytes(view.require(SectionKind::Videos)?).map(drop)?))?,
+        ),
+        (
+            "preprocessor",
+            time(&mut || {
+                Ok(Preprocessor::from_bytes(view.require(SectionKind::Preprocessor)?).map(drop)?)
+            })?,
+        ),
+        (
+            "ranker (CatBoost JSON)",
+            time(&mut || {
+                let json = std::str::from_utf8(view.require(SectionKind::Ranker)?)?;
+                Ok(RankerModel::from_catboost_json(json).map(drop)?)
+            })?,
+        ),
+    ];
+    println!("native load by part (median of 5), ms:");
+    for (part, median) in parts {
+        println!("  {part:<38} {median:>8.1}");
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let Some(bundle_path) = std::env::var_os("EDGEREC_BENCH_BUNDLE") else {
         anyhow::bail!("EDGEREC_BENCH_BUNDLE is not set: run `cargo xtask bench`");
@@ -87,6 +151,7 @@ fn main() -> anyhow::Result<()> {
         drop(native);
     }
     let mut instance = instance.expect("at least one load");
+    load_breakdown(&bundle)?;
     let mut guarded = guarded.instantiate(Limits::default())?;
     guarded.load_bundle(&bundle)?;
     let native = Recommender::from_bundle(&bundle)?;
