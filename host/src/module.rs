@@ -282,38 +282,38 @@ impl EdgeInstance {
         }
     }
 
-    /// Loads a bundle; on failure the instance keeps the bundle it had.
-    pub fn load_bundle(&mut self, bundle: &[u8]) -> Result<(), CallError> {
+    /// Starts a call's deadline, when the module was loaded with deadlines.
+    fn arm_deadline(&mut self, deadline: Duration) {
         if self.deadlines {
-            self.store
-                .set_epoch_deadline(ticks(self.limits.load_deadline));
+            self.store.set_epoch_deadline(ticks(deadline));
         }
-        let (ptr, len) = self.pass(bundle)?;
-        match self
-            .load_bundle
-            .call(&mut self.store, (ptr, len))
-            .map_err(trap)?
-        {
+    }
+
+    /// Passes `bytes` to `export` (which takes the buffer) and reads its status.
+    fn call_with(
+        &mut self,
+        export: &TypedFunc<(u32, u32), i32>,
+        bytes: &[u8],
+    ) -> Result<(), CallError> {
+        let (ptr, len) = self.pass(bytes)?;
+        match export.call(&mut self.store, (ptr, len)).map_err(trap)? {
             0 => Ok(()),
             _ => Err(self.refused()),
         }
     }
 
+    /// Loads a bundle; on failure the instance keeps the bundle it had.
+    pub fn load_bundle(&mut self, bundle: &[u8]) -> Result<(), CallError> {
+        self.arm_deadline(self.limits.load_deadline);
+        let export = self.load_bundle.clone();
+        self.call_with(&export, bundle)
+    }
+
     /// Answers a MessagePack request, timing each stage with the host's clock.
     pub fn recommend(&mut self, request: &[u8]) -> Result<Answer, CallError> {
-        if self.deadlines {
-            self.store
-                .set_epoch_deadline(ticks(self.limits.recommend_deadline));
-        }
-        let (ptr, len) = self.pass(request)?;
-        if self
-            .recommend_start
-            .call(&mut self.store, (ptr, len))
-            .map_err(trap)?
-            != 0
-        {
-            return Err(self.refused());
-        }
+        self.arm_deadline(self.limits.recommend_deadline);
+        let start = self.recommend_start.clone();
+        self.call_with(&start, request)?;
         let mut stage_ms = [0.0; 5];
         for slot in &mut stage_ms {
             let started = Instant::now();
@@ -329,15 +329,8 @@ impl EdgeInstance {
             }
         }
         let times = rmp_serde::to_vec(&stage_ms).expect("numbers serialize");
-        let (ptr, len) = self.pass(&times)?;
-        if self
-            .recommend_finish
-            .call(&mut self.store, (ptr, len))
-            .map_err(trap)?
-            != 0
-        {
-            return Err(self.refused());
-        }
+        let finish = self.recommend_finish.clone();
+        self.call_with(&finish, &times)?;
         Ok(Answer {
             response: self.output()?,
             stage_ms,

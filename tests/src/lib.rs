@@ -114,64 +114,45 @@ pub fn synthetic_bundle() -> &'static BundleFixture {
             .keep();
         let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
         std::fs::write(dir.join("edgerec.toml"), FIXTURE_CONFIG).expect("config written");
-        let steps: [Vec<String>; 5] = [
+        let (data, config, model) = (path("data"), path("edgerec.toml"), path("model"));
+        let (ranker_dir, ranker) = (path("ranker"), path("ranker/ranker.json"));
+        let bundles = path("bundles");
+        let promoted = FIXTURE_PROMOTED.map(|id| id.to_string()).join(",");
+        let sizes = [
+            "--users",
+            "600",
+            "--videos",
+            "400",
+            "--interactions",
+            "30000",
+            "--seed",
+            "11",
+        ];
+        let trained = ["--data", &data, "--config", &config];
+        let steps: [Vec<&str>; 5] = [
+            [&["generate"][..], &sizes, &["--out", &data]].concat(),
+            vec!["split", "--data", &data],
+            [&["train", "two-tower"][..], &trained, &["--out", &model]].concat(),
             [
-                "generate",
-                "--users",
-                "600",
-                "--videos",
-                "400",
-                "--interactions",
-                "30000",
-                "--seed",
-                "11",
-                "--out",
+                &["train", "ranker"][..],
+                &trained,
+                &["--model", &model, "--out", &ranker_dir],
             ]
-            .map(String::from)
-            .into_iter()
-            .chain([path("data")])
-            .collect(),
-            vec!["split".into(), "--data".into(), path("data")],
-            vec![
-                "train".into(),
-                "two-tower".into(),
-                "--data".into(),
-                path("data"),
-                "--config".into(),
-                path("edgerec.toml"),
-                "--out".into(),
-                path("model"),
-            ],
-            vec![
-                "train".into(),
-                "ranker".into(),
-                "--data".into(),
-                path("data"),
-                "--config".into(),
-                path("edgerec.toml"),
-                "--model".into(),
-                path("model"),
-                "--out".into(),
-                path("ranker"),
-            ],
-            vec![
-                "bundle".into(),
-                "build".into(),
-                "--data".into(),
-                path("data"),
-                "--config".into(),
-                path("edgerec.toml"),
-                "--model".into(),
-                path("model"),
-                "--ranker".into(),
-                path("ranker/ranker.json"),
-                "--promoted".into(),
-                FIXTURE_PROMOTED.map(|id| id.to_string()).join(","),
-                "--model-version".into(),
-                "fixture-1".into(),
-                "--out".into(),
-                path("bundles"),
-            ],
+            .concat(),
+            [
+                &["bundle", "build"][..],
+                &trained,
+                &[
+                    "--model",
+                    &model,
+                    "--ranker",
+                    &ranker,
+                    "--promoted",
+                    &promoted,
+                ],
+                &["--model-version", "fixture-1", "--out", &bundles],
+            ]
+            .concat(),
         ];
         for step in steps {
             stdout_of(&control_plane(&step));

@@ -462,8 +462,7 @@ fn bench(args: &[OsString]) -> Result<()> {
             std::fs::remove_dir_all(&dir)?;
         }
         std::fs::create_dir_all(&dir)?;
-        run(cargo().args(["build", "--release", "--package", "control-plane"]))?;
-        let control_plane = target_dir().join("release").join("control-plane");
+        let step = release_control_plane()?;
         let config = dir.join("edgerec.toml");
         std::fs::write(&config, BENCH_CONFIG)?;
         let data = dir.join("data");
@@ -471,14 +470,6 @@ fn bench(args: &[OsString]) -> Result<()> {
             "xtask: building the 100,000-video bench bundle in {} (once; 10-20 minutes)",
             dir.display()
         );
-        let step = |args: &[&dyn AsRef<std::ffi::OsStr>]| {
-            let mut command = Command::new(&control_plane);
-            command.env("CANDLE_NUM_THREADS", "1");
-            for arg in args {
-                command.arg(arg);
-            }
-            run(&mut command)
-        };
         step(&[
             &"generate",
             &"--users",
@@ -528,22 +519,28 @@ fn bench(args: &[OsString]) -> Result<()> {
         .env("EDGEREC_EDGE_WASM", &edge_wasm))
 }
 
-fn demo() -> Result<()> {
-    let ml100k = movielens()?;
-    let title_model = minilm()?;
+/// Builds the release `control-plane` and returns a runner of its subcommands (one
+/// candle thread: its pool busy-waits on a small machine).
+fn release_control_plane() -> Result<impl Fn(&[&dyn AsRef<std::ffi::OsStr>]) -> Result<()>> {
     run(cargo().args(["build", "--release", "--package", "control-plane"]))?;
     let control_plane = target_dir().join("release").join("control-plane");
-    let out = root().join(".edgerec").join("demo");
-    let synthetic = out.join("synthetic");
-    let movielens = out.join("ml-100k");
-    let step = |args: &[&dyn AsRef<std::ffi::OsStr>]| {
+    Ok(move |args: &[&dyn AsRef<std::ffi::OsStr>]| {
         let mut command = Command::new(&control_plane);
         command.env("CANDLE_NUM_THREADS", "1");
         for arg in args {
             command.arg(arg);
         }
         run(&mut command)
-    };
+    })
+}
+
+fn demo() -> Result<()> {
+    let ml100k = movielens()?;
+    let title_model = minilm()?;
+    let step = release_control_plane()?;
+    let out = root().join(".edgerec").join("demo");
+    let synthetic = out.join("synthetic");
+    let movielens = out.join("ml-100k");
     println!("== synthetic data (the seed's defaults)");
     step(&[&"generate", &"--out", &synthetic])?;
     step(&[&"split", &"--data", &synthetic])?;
