@@ -565,7 +565,7 @@ fn demo() -> Result<()> {
     step(&[&"train", &"ranker", &"--data", &synthetic])?;
     step(&[&"bundle", &"build", &"--data", &synthetic])?;
     println!(
-        "\ndemo data in {}\n(the wasm module that serves the bundle, the host and the browser demo are not built yet: see the open issues)",
+        "\ndemo data in {}\n(`cargo xtask dist` builds the edge module that serves the bundle; the HTTP host and the browser demo are not built yet: issues 7 and 8)",
         out.display()
     );
     Ok(())
