@@ -18,6 +18,7 @@ pub mod movielens;
 pub mod onnx_export;
 pub mod parquet_io;
 pub mod progress;
+pub mod publish;
 pub mod ranker_bench;
 pub mod ranker_data;
 pub mod ranker_train;

@@ -50,9 +50,35 @@ enum Command {
     /// Build serving bundles.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Publish a bundle (and the viewers' profiles) to a channel of a local store:
+    /// STORE/bundles/<sha256>.bundle, then STORE/manifests/<channel>.json.
+    Publish(PublishArgs),
     /// Show the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+#[derive(Args)]
+struct PublishArgs {
+    /// The bundle file.
+    #[arg(long)]
+    bundle: PathBuf,
+    /// The store's root folder.
+    #[arg(long)]
+    store: PathBuf,
+    /// The channel.
+    #[arg(long, default_value = "production")]
+    channel: String,
+    /// Publish the viewers' profiles (demographics, engaged videos) from this data set
+    /// for hosts' online features.
+    #[arg(long)]
+    profiles_from: Option<PathBuf>,
+    /// Config file (its [engagement] rules decide which videos enter histories).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Videos kept per viewer history.
+    #[arg(long, default_value_t = 200)]
+    history_limit: usize,
 }
 
 #[derive(Subcommand)]
@@ -962,6 +988,42 @@ fn run(cli: Cli) -> Result<()> {
                     seed,
                     shard_file.as_deref()
                 )?
+            );
+        }
+        Command::Publish(args) => {
+            let config = load_config(args.config.as_deref())?;
+            let bundle = std::fs::read(&args.bundle)
+                .with_context(|| format!("reading {}", args.bundle.display()))?;
+            let profiles = match &args.profiles_from {
+                Some(data) => {
+                    let dataset = Dataset::load(data)?;
+                    let (bytes, viewers) = control_plane::publish::build_profiles(
+                        &dataset,
+                        &config.engagement,
+                        args.history_limit,
+                    );
+                    eprintln!("profiles: {viewers} viewers, {} bytes", bytes.len());
+                    Some(bytes)
+                }
+                None => None,
+            };
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let (manifest, path) = control_plane::publish::publish_local(
+                &args.store,
+                &args.channel,
+                &bundle,
+                profiles.as_deref(),
+                now,
+            )?;
+            println!(
+                "published {} ({}, {} bytes) to {}: {}",
+                manifest.bundle.key,
+                manifest.model_version,
+                manifest.bundle.size,
+                manifest.channel,
+                path.display()
             );
         }
         Command::Bundle(BundleCommand::Build(args)) => {

@@ -13,8 +13,8 @@
 //! | `recommend_finish` | `(ptr: u32, len: u32) -> i32` | takes a buffer holding the 5 stage times (MessagePack array of numbers, ms) and writes the response |
 //! | `output_ptr`, `output_len` | `() -> u32` | where the last call's output is (valid until the next call) |
 //!
-//! Calls that return `i32` return 0 on success, with the answer (a response, or nothing
-//! for `load_bundle`) as output, and 1 on failure, with `{code, message}` as output.
+//! Calls that return `i32` return 0 on success, with the answer (a response, or for
+//! `load_bundle` the bundle's summary: model version, counts, experiment names) as output, and 1 on failure, with `{code, message}` as output.
 //! `code` is one of `invalid_request`, `invalid_bundle`, `no_bundle`, `bad_buffer` (a
 //! pointer that `alloc` did not return or a length beyond its buffer) or `internal`.
 //! A call that takes a buffer frees it whatever the outcome. A failed `load_bundle`
@@ -121,6 +121,8 @@ impl Door {
         };
         match Recommender::from_bundle(&bytes) {
             Ok(recommender) => {
+                self.output = rmp_serde::to_vec_named(&recommender.summary())
+                    .expect("a summary always serializes");
                 self.recommender = Some(recommender);
                 // A run belongs to the bundle that started it.
                 self.run = None;

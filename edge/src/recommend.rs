@@ -273,6 +273,21 @@ impl StageMs {
     }
 }
 
+/// A loaded bundle as hosts see it: what `/health` reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BundleSummary {
+    /// The model version responses carry.
+    pub model_version: String,
+    /// Videos in the catalogue.
+    pub videos: u64,
+    /// Videos in the retrieval shard.
+    pub indexed_videos: u64,
+    /// Trees in the ranker.
+    pub trees: u64,
+    /// The experiments it runs, by name.
+    pub experiments: Vec<String>,
+}
+
 /// A loaded bundle, ready to serve: every section decoded and checked once, the tower
 /// optimised, the lookups serving needs built.
 pub struct Recommender {
@@ -422,6 +437,22 @@ impl Recommender {
     /// The model version responses carry.
     pub fn model_version(&self) -> &str {
         &self.model_version
+    }
+
+    /// What a host reports about the loaded bundle (the raw ABI's `load_bundle` output).
+    pub fn summary(&self) -> BundleSummary {
+        BundleSummary {
+            model_version: self.model_version.clone(),
+            videos: self.catalog.len() as u64,
+            indexed_videos: self.shard.len() as u64,
+            trees: self.ranker.trees.len() as u64,
+            experiments: self
+                .experiments
+                .experiments
+                .iter()
+                .map(|e| e.name.clone())
+                .collect(),
+        }
     }
 
     /// The videos this bundle can recommend.

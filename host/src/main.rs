@@ -1,7 +1,210 @@
-//! The wasmtime host that will serve the REST API from the edge module (issue 7).
-//! Until it exists, it says so and fails rather than pretending to serve.
+//! `host`: serves the seed's REST API from the edge module in wasmtime.
+//!
+//! ```text
+//! host --module target/dist/edge.wasm --bundle model.bundle
+//! host --module edge.wasm --manifest http://127.0.0.1:9000/edgerec/manifests/production.json
+//! ```
+//! Prints `edgerec host listening on http://ADDR` once it accepts requests.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("edgerec host: not built yet (see issue 7, the wasmtime host); nothing is served");
-    std::process::ExitCode::FAILURE
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use host::module::{EdgeModule, Limits};
+use host::pool::Pool;
+use host::profiles::Profiles;
+use host::service::{Host, Settings, router};
+use host::store::Store;
+use host::updater::{Updater, install_bundle};
+
+/// Serves recommendations from the edge module.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on (port 0: any free port; the address is printed).
+    #[arg(long, env = "HOST_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// The edge module (`cargo xtask dist` writes target/dist/edge.wasm).
+    #[arg(long, env = "EDGE_MODULE")]
+    module: PathBuf,
+    /// A bundle file to serve (fixed: no updates).
+    #[arg(long, env = "MODEL_PATH", conflicts_with = "manifest")]
+    bundle: Option<PathBuf>,
+    /// A manifest to follow: a path or http(s) URL ending in manifests/<channel>.json.
+    #[arg(long, env = "MANIFEST_URL")]
+    manifest: Option<String>,
+    /// Seconds between manifest polls.
+    #[arg(long, env = "POLL_INTERVAL_SECS", default_value_t = 30)]
+    poll_interval: u64,
+    /// A profiles artifact to load at start (manifests may name newer ones).
+    #[arg(long, env = "PROFILES_PATH")]
+    profiles: Option<PathBuf>,
+    /// The host's own folder: the precompiled module is cached there.
+    #[arg(long, env = "ARTIFACTS_PATH")]
+    artifacts: Option<PathBuf>,
+    /// Warm instances (requests beyond them wait); default: the number of cores.
+    #[arg(long, env = "HOST_INSTANCES")]
+    instances: Option<usize>,
+    /// Deadline of one recommendation, ms (a runaway call is stopped and answers 500).
+    #[arg(long, default_value_t = 1000)]
+    deadline_ms: u64,
+    /// Run calls without deadlines: faster (deadline checks slow numeric code several
+    /// times, see `cargo xtask bench`), but a runaway call holds its instance.
+    #[arg(long)]
+    no_deadlines: bool,
+    /// Linear memory limit per instance, MiB.
+    #[arg(long, default_value_t = 512)]
+    memory_mb: usize,
+    /// Largest request body, bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body_bytes: usize,
+    /// How long a cached answer is served, seconds.
+    #[arg(long, default_value_t = 300)]
+    cache_ttl: u64,
+    /// Videos kept per viewer history.
+    #[arg(long, default_value_t = 200)]
+    history_limit: usize,
+    /// Log filter (`info`, `debug`, `host=debug`, ...).
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// Use Redis for the response cache (not built yet: the host refuses to start
+    /// rather than silently use its in-process cache).
+    #[arg(long, env = "USE_REDIS")]
+    use_redis: bool,
+    /// Redis host.
+    #[arg(long, env = "REDIS_HOST", default_value = "127.0.0.1")]
+    redis_host: String,
+    /// Redis port.
+    #[arg(long, env = "REDIS_PORT", default_value_t = 6379)]
+    redis_port: u16,
+}
+
+fn default_artifacts() -> Option<PathBuf> {
+    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/edgerec/host"))
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("host: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    if args.use_redis {
+        bail!(
+            "USE_REDIS=true: the Redis cache is not built yet (redis {}:{}); unset it to use the in-process cache",
+            args.redis_host,
+            args.redis_port
+        );
+    }
+    if args.bundle.is_none() && args.manifest.is_none() {
+        bail!("nothing to serve: give --bundle (MODEL_PATH) or --manifest (MANIFEST_URL)");
+    }
+    let wasm = std::fs::read(&args.module)
+        .with_context(|| format!("reading the edge module {}", args.module.display()))?;
+    let cache_dir = args
+        .artifacts
+        .clone()
+        .or_else(default_artifacts)
+        .map(|dir| dir.join("compiled"));
+    let deadlines = !args.no_deadlines;
+    let module = tokio::task::spawn_blocking(move || {
+        EdgeModule::load(&wasm, cache_dir.as_deref(), deadlines)
+    })
+    .await??;
+    tracing::info!(
+        compile_ms = module.compile_time.as_millis() as u64,
+        cached_at = ?module.cached_at,
+        deadlines,
+        "module ready"
+    );
+    let limits = Limits {
+        memory_bytes: args.memory_mb << 20,
+        recommend_deadline: Duration::from_millis(args.deadline_ms),
+        ..Limits::default()
+    };
+    let instances = args
+        .instances
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let pool = Arc::new(Pool::new(Arc::new(module), limits, instances));
+    let profiles = match &args.profiles {
+        Some(path) => {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            Profiles::from_msgpack(&bytes, args.history_limit)
+                .with_context(|| format!("profiles {}", path.display()))?
+        }
+        None => Profiles::empty(args.history_limit),
+    };
+    let settings = Settings {
+        max_body_bytes: args.max_body_bytes,
+        cache_ttl: Duration::from_secs(args.cache_ttl),
+        ..Settings::default()
+    };
+    let host = Arc::new(Host::new(pool, profiles, settings));
+
+    if let Some(path) = &args.bundle {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        install_bundle(&host, bytes)
+            .await
+            .with_context(|| format!("loading bundle {}", path.display()))?;
+    }
+    if let Some(manifest) = &args.manifest {
+        let mut store = Store::new(manifest, 4 << 30)?;
+        let mut updater = Updater::default();
+        // A first failure is not fatal: the host answers 503 until a bundle arrives.
+        if let Err(e) = updater.poll_once(&host, &mut store).await {
+            host.metrics.failed_swaps.inc();
+            tracing::error!(manifest = %store.describe(), "no bundle yet: {e:#}");
+        }
+        tokio::spawn(updater.run(
+            host.clone(),
+            store,
+            Duration::from_secs(args.poll_interval.max(1)),
+        ));
+    }
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let address = listener.local_addr()?;
+    println!("edgerec host listening on http://{address}");
+    std::io::stdout().flush()?;
+    axum::serve(listener, router(host))
+        .with_graceful_shutdown(shutdown())
+        .await?;
+    Ok(())
+}
+
+async fn shutdown() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("a SIGTERM handler");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    tracing::info!("shutting down");
 }

@@ -48,6 +48,22 @@ struct ErrorBody {
     message: String,
 }
 
+/// What the module says about a bundle it loaded (`edge::recommend::BundleSummary`; the
+/// host reads the module's answer, never edge's types).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+pub struct BundleSummary {
+    /// The model version responses carry.
+    pub model_version: String,
+    /// Videos in the catalogue.
+    pub videos: u64,
+    /// Videos in the retrieval shard.
+    pub indexed_videos: u64,
+    /// Trees in the ranker.
+    pub trees: u64,
+    /// The experiments it runs, by name.
+    pub experiments: Vec<String>,
+}
+
 /// Limits of one instance.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -302,11 +318,14 @@ impl EdgeInstance {
         }
     }
 
-    /// Loads a bundle; on failure the instance keeps the bundle it had.
-    pub fn load_bundle(&mut self, bundle: &[u8]) -> Result<(), CallError> {
+    /// Loads a bundle and says what it holds; on failure the instance keeps the bundle it
+    /// had.
+    pub fn load_bundle(&mut self, bundle: &[u8]) -> Result<BundleSummary, CallError> {
         self.arm_deadline(self.limits.load_deadline);
         let export = self.load_bundle.clone();
-        self.call_with(&export, bundle)
+        self.call_with(&export, bundle)?;
+        let output = self.output()?;
+        rmp_serde::from_slice(&output).map_err(|e| trap(format!("unreadable bundle summary: {e}")))
     }
 
     /// Answers a MessagePack request, timing each stage with the host's clock.

@@ -1,6 +1,6 @@
 //! Helpers shared by the end-to-end tests: they start edgerec's real binaries.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// A binary built by `cargo xtask test`, which names their folder in `EDGEREC_BIN_DIR`.
@@ -157,13 +157,129 @@ pub fn synthetic_bundle() -> &'static BundleFixture {
         for step in steps {
             stdout_of(&control_plane(&step));
         }
-        let bundle = std::fs::read_dir(dir.join("bundles"))
-            .expect("bundle build wrote its folder")
-            .map(|entry| entry.expect("a readable folder").path())
-            .find(|p| p.extension().is_some_and(|e| e == "bundle"))
-            .expect("bundle build wrote a bundle");
+        let bundle = bundle_in(&dir.join("bundles"));
         BundleFixture { dir, bundle }
     })
+}
+
+fn bundle_in(folder: &Path) -> PathBuf {
+    std::fs::read_dir(folder)
+        .expect("bundle build wrote its folder")
+        .map(|entry| entry.expect("a readable folder").path())
+        .find(|p| p.extension().is_some_and(|e| e == "bundle"))
+        .expect("bundle build wrote a bundle")
+}
+
+impl BundleFixture {
+    /// The same models bundled again under another model version (a different bundle, as
+    /// a retrain would publish), in a folder of its own.
+    pub fn rebuilt_as(&self, model_version: &str) -> PathBuf {
+        let path = |name: &str| self.dir.join(name).to_string_lossy().into_owned();
+        let out = path(&format!("bundles-{model_version}"));
+        let promoted = FIXTURE_PROMOTED.map(|id| id.to_string()).join(",");
+        stdout_of(&control_plane([
+            "bundle",
+            "build",
+            "--data",
+            &path("data"),
+            "--config",
+            &path("edgerec.toml"),
+            "--model",
+            &path("model"),
+            "--ranker",
+            &path("ranker/ranker.json"),
+            "--promoted",
+            &promoted,
+            "--model-version",
+            model_version,
+            "--out",
+            &out,
+        ]));
+        bundle_in(Path::new(&out))
+    }
+
+    /// The data set folder.
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+}
+
+/// The host's artifacts folder shared by every test: the compiled module is cached in
+/// its `compiled/` folder (under the module's hash), so Cranelift runs once per build of
+/// the module, not once per test.
+pub fn host_artifacts() -> PathBuf {
+    binary("host")
+        .parent()
+        .expect("binaries live in a folder")
+        .join("edgerec-host-artifacts")
+}
+
+/// A running `host` process, killed when dropped.
+#[derive(Debug)]
+pub struct HostProcess {
+    child: std::process::Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Where its log goes.
+    pub log: PathBuf,
+}
+
+impl HostProcess {
+    /// Starts `host` with the test's edge module on a free loopback port and `args`, and
+    /// waits until it listens.
+    pub fn start(args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let wasm = std::env::var_os("EDGEREC_EDGE_WASM").expect(
+            "EDGEREC_EDGE_WASM is not set: run `cargo xtask test`, which builds the module",
+        );
+        let log_dir = tempfile::Builder::new()
+            .prefix("edgerec-host-")
+            .tempdir()
+            .expect("a temporary folder")
+            .keep();
+        let log = log_dir.join("host.log");
+        let mut child = Command::new(binary("host"))
+            .arg("--module")
+            .arg(&wasm)
+            .args(["--listen", "127.0.0.1:0", "--log-level", "info"])
+            .arg("--artifacts")
+            .arg(host_artifacts())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("a log file"))
+            .spawn()
+            .expect("host starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("host writes its address");
+        let Some(url) = line.trim().strip_prefix("edgerec host listening on ") else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "host did not start: {line:?}\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        };
+        Self {
+            url: url.to_owned(),
+            child,
+            log,
+        }
+    }
+
+    /// What it logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// The edge module that `cargo xtask test` built (`cargo xtask dist`), named by

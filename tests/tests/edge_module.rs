@@ -4,15 +4,19 @@
 
 use edge::recommend::{Recommender, Request, Response, StageMs};
 use edgerec_e2e::requests::varied_requests;
-use edgerec_e2e::{edge_wasm, synthetic_bundle};
+use edgerec_e2e::{edge_wasm, host_artifacts, synthetic_bundle};
 use host::module::{CallError, EdgeInstance, EdgeModule, Limits};
 
 const NOW: i64 = 1_795_000_000;
 
-/// Compiled once per test binary (Cranelift takes seconds on this module).
+/// Compiled once per build of the module (Cranelift takes seconds on it), cached where
+/// the hosts that tests start find it too.
 fn module() -> &'static EdgeModule {
     static MODULE: std::sync::OnceLock<EdgeModule> = std::sync::OnceLock::new();
-    MODULE.get_or_init(|| EdgeModule::load(&edge_wasm(), None, true).unwrap())
+    MODULE.get_or_init(|| {
+        let cache = host_artifacts().join("compiled");
+        EdgeModule::load(&edge_wasm(), Some(&cache), true).unwrap()
+    })
 }
 
 fn instance(module: &EdgeModule, bundle: &[u8]) -> EdgeInstance {
@@ -80,19 +84,32 @@ fn bad_input_gets_errors_and_the_instance_keeps_serving() {
     let (code, _) = refusal(wasm.recommend(&request).map(|_| ()));
     assert_eq!(code, "no_bundle", "recommend before any bundle");
 
-    let (code, message) = refusal(wasm.load_bundle(&bundle[..bundle.len() / 3]));
+    let (code, message) = refusal(wasm.load_bundle(&bundle[..bundle.len() / 3]).map(|_| ()));
     assert_eq!(code, "invalid_bundle", "{message}");
     assert!(message.contains("section"), "{message}");
-    let (code, _) = refusal(wasm.load_bundle(b"not a bundle at all"));
+    let (code, _) = refusal(wasm.load_bundle(b"not a bundle at all").map(|_| ()));
     assert_eq!(code, "invalid_bundle");
 
-    wasm.load_bundle(&bundle).unwrap();
+    let summary = wasm.load_bundle(&bundle).unwrap();
+    let native = Recommender::from_bundle(&bundle).unwrap().summary();
+    assert_eq!(
+        (
+            summary.model_version,
+            summary.videos,
+            summary.indexed_videos
+        ),
+        (native.model_version, native.videos, native.indexed_videos)
+    );
+    assert_eq!(
+        (summary.trees, summary.experiments),
+        (native.trees, native.experiments)
+    );
     let good = wasm.recommend(&request).unwrap();
 
     let mut corrupt = bundle.clone();
     let at = corrupt.len() / 2;
     corrupt[at] ^= 1;
-    let (code, _) = refusal(wasm.load_bundle(&corrupt));
+    let (code, _) = refusal(wasm.load_bundle(&corrupt).map(|_| ()));
     assert_eq!(code, "invalid_bundle");
     let (code, message) = refusal(wasm.recommend(b"\x92\xc1 not msgpack").map(|_| ()));
     assert_eq!(code, "invalid_request", "{message}");

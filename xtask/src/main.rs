@@ -14,7 +14,8 @@ const USAGE: &str = "\
 usage: cargo xtask <task> [args]
 
 tasks:
-  demo       fetch data; generate, import, split, fit preprocessing, train the two-tower model and the ranker, build a bundle; print their metrics
+  demo       fetch data; generate, import, split, fit preprocessing, train the two-tower model and the ranker, build and
+             publish a bundle to a local store, then serve it with the host (prints its URL; Ctrl-C stops)
   test       fetch test data, build the binaries and the edge module, run every test (args go to cargo test)
   bench      build a 100,000-video bundle (once, cached; --rebuild to redo it) and the
              edge module, then measure load and recommend in wasmtime against native
@@ -563,10 +564,46 @@ fn demo() -> Result<()> {
     println!("== two-tower retrieval and the ranker on the synthetic data (under a minute)");
     step(&[&"train", &"two-tower", &"--data", &synthetic])?;
     step(&[&"train", &"ranker", &"--data", &synthetic])?;
-    step(&[&"bundle", &"build", &"--data", &synthetic])?;
+    let bundles = synthetic.join("split").join("bundles");
+    // A fresh folder: the host serves the one bundle built now.
+    if bundles.exists() {
+        std::fs::remove_dir_all(&bundles)?;
+    }
+    step(&[
+        &"bundle", &"build", &"--data", &synthetic, &"--out", &bundles,
+    ])?;
+    let bundle = std::fs::read_dir(&bundles)?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .find(|path| path.extension().is_some_and(|e| e == "bundle"))
+        .context("bundle build wrote no bundle")?;
+    let store = out.join("store");
+    println!("== publishing to the local store {}", store.display());
+    step(&[
+        &"publish",
+        &"--bundle",
+        &bundle,
+        &"--store",
+        &store,
+        &"--profiles-from",
+        &synthetic,
+    ])?;
+
+    println!("== the edge module and the host");
+    let edge_wasm = dist()?;
+    // The bench profile: release code without fat LTO, which would add many minutes of
+    // linking wasmtime for a demo.
+    run(cargo().args(["build", "--profile", "bench", "--package", "host"]))?;
+    let host = target_dir().join("release").join("host");
+    let listen = std::env::var("EDGEREC_HOST_LISTEN").unwrap_or_else(|_| "127.0.0.1:8080".into());
+    let manifest = store.join("manifests").join("production.json");
     println!(
-        "\ndemo data in {}\n(`cargo xtask dist` builds the edge module that serves the bundle; the HTTP host and the browser demo are not built yet: issues 7 and 8)",
+        "\ndemo data in {}\nserving the published bundle with the edge module in wasmtime; Ctrl-C stops it.\n  API:     http://{listen}/recommendations/7?n=10  (also POST /recommendations, POST /interactions, /health, /metrics, /cached/7)\n  browser: not built yet (issue 8)\n  control plane REST API: not built yet (issue 6; `control-plane` is its CLI)\n",
         out.display()
     );
-    Ok(())
+    run(Command::new(host)
+        .arg("--module")
+        .arg(&edge_wasm)
+        .arg("--manifest")
+        .arg(&manifest)
+        .args(["--listen", &listen]))
 }
