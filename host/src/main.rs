@@ -9,11 +9,12 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use host::cache::{Cache, RedisCache, ResponseCache};
 use host::module::{EdgeModule, Limits};
 use host::pool::Pool;
 use host::profiles::Profiles;
@@ -65,14 +66,17 @@ struct Args {
     /// How long a cached answer is served, seconds.
     #[arg(long, default_value_t = 300)]
     cache_ttl: u64,
+    /// Viewers whose answers the in-process cache keeps.
+    #[arg(long, default_value_t = 100_000)]
+    cache_entries: usize,
     /// Videos kept per viewer history.
     #[arg(long, default_value_t = 200)]
     history_limit: usize,
     /// Log filter (`info`, `debug`, `host=debug`, ...).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     log_level: String,
-    /// Use Redis for the response cache (not built yet: the host refuses to start
-    /// rather than silently use its in-process cache).
+    /// Keep the response cache in Redis (shared by hosts, survives restarts) instead of
+    /// in process.
     #[arg(long, env = "USE_REDIS")]
     use_redis: bool,
     /// Redis host.
@@ -106,13 +110,6 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    if args.use_redis {
-        bail!(
-            "USE_REDIS=true: the Redis cache is not built yet (redis {}:{}); unset it to use the in-process cache",
-            args.redis_host,
-            args.redis_port
-        );
-    }
     if args.bundle.is_none() && args.manifest.is_none() {
         bail!("nothing to serve: give --bundle (MODEL_PATH) or --manifest (MANIFEST_URL)");
     }
@@ -154,10 +151,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let settings = Settings {
         max_body_bytes: args.max_body_bytes,
-        cache_ttl: Duration::from_secs(args.cache_ttl),
-        ..Settings::default()
     };
-    let host = Arc::new(Host::new(pool, profiles, settings));
+    let ttl = Duration::from_secs(args.cache_ttl);
+    let cache = if args.use_redis {
+        let redis = RedisCache::connect(&args.redis_host, args.redis_port, ttl).await?;
+        tracing::info!(host = %args.redis_host, port = args.redis_port, "response cache in Redis");
+        Cache::Redis(redis)
+    } else {
+        Cache::Local(Mutex::new(ResponseCache::new(ttl, args.cache_entries)))
+    };
+    let host = Arc::new(Host::new(pool, profiles, cache, settings));
 
     if let Some(path) = &args.bundle {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub stage_seconds: HistogramFamily,
     /// Cache lookups by result (`hit`, `miss`).
     pub cache: Family<Labels, Counter>,
+    /// Cache operations that failed (Redis unreachable, ...), each served as a miss.
+    pub cache_errors: Counter,
     /// 1 for the bundle being served, labelled with its sha256 and model version.
     pub bundle_info: Family<Labels, Gauge>,
     /// Bundles swapped in.
@@ -96,6 +98,12 @@ impl Metrics {
             "Response cache lookups by result",
             cache.clone(),
         );
+        let cache_errors = Counter::default();
+        registry.register(
+            "cache_errors",
+            "Response cache operations that failed (served as misses)",
+            cache_errors.clone(),
+        );
         let bundle_info = Family::<Labels, Gauge>::default();
         registry.register(
             "bundle_info",
@@ -152,6 +160,7 @@ impl Metrics {
             request_seconds,
             stage_seconds,
             cache,
+            cache_errors,
             bundle_info,
             swaps,
             failed_swaps,

@@ -3,8 +3,8 @@
 //! viewer's stored profile, the cache, the request id and the metrics.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
@@ -17,7 +17,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::cache::{CacheKey, ResponseCache};
+use crate::cache::{Cache, CacheKey};
 use crate::metrics::Metrics;
 use crate::module::CallError;
 use crate::pool::Pool;
@@ -31,18 +31,12 @@ pub const MAX_INTERACTIONS_PER_POST: usize = 1000;
 pub struct Settings {
     /// Largest request body accepted (413 above it).
     pub max_body_bytes: usize,
-    /// How long a cached answer stays valid.
-    pub cache_ttl: Duration,
-    /// How many viewers' answers the cache keeps.
-    pub cache_capacity: usize,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Self {
             max_body_bytes: 1 << 20,
-            cache_ttl: Duration::from_secs(300),
-            cache_capacity: 100_000,
         }
     }
 }
@@ -54,7 +48,7 @@ pub struct Host {
     /// Online features.
     pub profiles: RwLock<Profiles>,
     /// Answers to GET requests.
-    pub cache: Mutex<ResponseCache>,
+    pub cache: Cache,
     /// Prometheus metrics.
     pub metrics: Metrics,
     settings: Settings,
@@ -73,7 +67,7 @@ impl std::fmt::Debug for Host {
 
 impl Host {
     /// A host serving from `pool`.
-    pub fn new(pool: Arc<Pool>, profiles: Profiles, settings: Settings) -> Self {
+    pub fn new(pool: Arc<Pool>, profiles: Profiles, cache: Cache, settings: Settings) -> Self {
         let boot = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -81,10 +75,7 @@ impl Host {
         Self {
             pool,
             profiles: RwLock::new(profiles),
-            cache: Mutex::new(ResponseCache::new(
-                settings.cache_ttl,
-                settings.cache_capacity,
-            )),
+            cache,
             metrics: Metrics::new(),
             settings,
             started: Instant::now(),
@@ -93,6 +84,12 @@ impl Host {
             request_prefix: format!("{:x}-{:x}", boot, std::process::id()),
             request_count: AtomicU64::new(0),
         }
+    }
+
+    /// A cache failure is a miss, logged and counted: the cache never fails a request.
+    fn cache_failed(&self, what: &str, error: &redis::RedisError) {
+        self.metrics.cache_errors.inc();
+        tracing::warn!("response cache {what} failed: {error}");
     }
 
     fn next_request_id(&self) -> String {
@@ -309,12 +306,10 @@ async fn get_recommendations(
         exclude_watched: params.exclude_watched,
         bundle: bundle.sha256.clone(),
     };
-    let cached = host
-        .cache
-        .lock()
-        .expect("cache lock")
-        .get(user, &key)
-        .cloned();
+    let cached = host.cache.get(user, &key).await.unwrap_or_else(|e| {
+        host.cache_failed("read", &e);
+        None
+    });
     host.metrics.cache_lookup(cached.is_some());
     if let Some(response) = cached {
         let mut response = Json(response).into_response();
@@ -332,14 +327,13 @@ async fn get_recommendations(
         request["watch_history"] = json!(profile.history);
     }
     let (response, sha256) = serve(&host, &request).await?;
-    host.cache.lock().expect("cache lock").put(
-        user,
-        CacheKey {
-            bundle: sha256,
-            ..key
-        },
-        response.clone(),
-    );
+    let key = CacheKey {
+        bundle: sha256,
+        ..key
+    };
+    if let Err(e) = host.cache.put(user, key, response.clone()).await {
+        host.cache_failed("write", &e);
+    }
     let mut response = Json(response).into_response();
     response
         .headers_mut()
@@ -494,16 +488,22 @@ async fn post_interactions(
             .check()
             .map_err(|reason| ApiError::bad_request(format!("interaction {index}: {reason}")))?;
     }
+    let mut engaged = Vec::new();
     {
         let mut profiles = host.profiles.write().expect("profiles lock");
-        let mut cache = host.cache.lock().expect("cache lock");
         for interaction in &interactions {
             host.metrics.interaction(interaction.kind.name());
             if interaction.kind != InteractionKind::Impression {
                 profiles.record_engagement(interaction.user_id, interaction.video_id);
-                cache.invalidate(interaction.user_id);
+                engaged.push(interaction.user_id);
             }
         }
+    }
+    engaged.sort_unstable();
+    engaged.dedup();
+    // A failure leaves answers that ignore this interaction until their TTL ends.
+    if let Err(e) = host.cache.invalidate(&engaged).await {
+        host.cache_failed("invalidation", &e);
     }
     Ok((
         StatusCode::ACCEPTED,
@@ -517,7 +517,14 @@ async fn get_cached(
 ) -> Result<Json<Value>, ApiError> {
     let Path(user_id) = user_id.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let user = parse_user_id(&user_id)?;
-    let cached = host.cache.lock().expect("cache lock").latest(user).cloned();
+    let cached = host.cache.latest(user).await.map_err(|e| {
+        host.cache_failed("read", &e);
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cache_unavailable",
+            format!("the response cache did not answer: {e}"),
+        )
+    })?;
     cached.map(Json).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,

@@ -423,3 +423,105 @@ fn published_bundles_swap_in_under_load_without_a_failed_request() {
     let (_, health) = get(&client(), &format!("{}/health", host.url));
     assert_eq!(health["model_version"], "fixture-2");
 }
+
+/// A `redis-server` on a free loopback port, stopped when dropped.
+struct RedisServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl RedisServer {
+    fn start() -> Self {
+        let server = std::env::var_os("EDGEREC_REDIS_SERVER").expect(
+            "EDGEREC_REDIS_SERVER is not set: run `cargo xtask test`, which installs redis-server",
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(server)
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, port }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_redis_cache_outlives_a_host_and_forgets_on_interactions() {
+    let fixture = synthetic_bundle();
+    let redis = RedisServer::start();
+    let port = redis.port.to_string();
+    let args = [
+        "--bundle",
+        fixture.bundle.to_str().unwrap(),
+        "--use-redis",
+        "--redis-host",
+        "127.0.0.1",
+        "--redis-port",
+        &port,
+    ];
+    let http = client();
+    let ask = |host: &HostProcess| {
+        let response = http
+            .get(format!("{}/recommendations/42?n=5", host.url))
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let cache = response.headers()["x-cache"].to_str().unwrap().to_owned();
+        (cache, response.json::<Value>().unwrap())
+    };
+
+    let first_host = HostProcess::start(&args);
+    let (cache, answer) = ask(&first_host);
+    assert_eq!(cache, "miss");
+    assert_eq!(ask(&first_host), ("hit".to_owned(), answer.clone()));
+    drop(first_host);
+
+    // A new process finds the answer in Redis.
+    let host = HostProcess::start(&args);
+    assert_eq!(ask(&host), ("hit".to_owned(), answer.clone()));
+    let (status, cached) = get(&http, &format!("{}/cached/42", host.url));
+    assert_eq!((status, cached), (200, answer.clone()));
+
+    let video = answer["recommendations"][0]["video_id"].as_u64().unwrap();
+    let (status, _) = post(
+        &http,
+        &format!("{}/interactions", host.url),
+        json!({"user_id": 42, "video_id": video, "type": "like"}).to_string(),
+    );
+    assert_eq!(status, 202);
+    assert_eq!(ask(&host).0, "miss");
+
+    // Asked for Redis where there is none: the host says so and does not start.
+    drop(redis);
+    let output = std::process::Command::new(edgerec_e2e::binary("host"))
+        .arg("--module")
+        .arg(std::env::var_os("EDGEREC_EDGE_WASM").unwrap())
+        .arg("--artifacts")
+        .arg(edgerec_e2e::host_artifacts())
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("Redis at redis://127.0.0.1:"), "{stderr}");
+}

@@ -307,34 +307,41 @@ fn wasm_target() -> Result<()> {
 
 /// Installs Debian's binaryen for `wasm-opt` when apt is usable; without it the module is
 /// only larger, so failure is reported, not fatal.
-fn wasm_opt() -> Option<PathBuf> {
+/// `program` from PATH, installing Debian's `package` with apt-get if it is missing
+/// (idempotent: nothing runs when it is there).
+fn debian_program(program: &str, package: &str) -> Option<PathBuf> {
     let find = || {
         std::env::var_os("PATH").and_then(|paths| {
             std::env::split_paths(&paths)
-                .map(|dir| dir.join("wasm-opt"))
+                .map(|dir| dir.join(program))
                 .find(|p| p.is_file())
         })
     };
     if let Some(path) = find() {
         return Some(path);
     }
-    eprintln!("xtask: installing binaryen (wasm-opt) with apt-get");
-    let installed = Command::new("apt-get")
-        .args(["install", "-y", "-q", "binaryen"])
-        .status()
-        .is_ok_and(|s| s.success())
+    eprintln!("xtask: installing {package} ({program}) with apt-get");
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends", package])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let _ = install()
         || (Command::new("apt-get")
             .args(["update", "-q"])
             .status()
             .is_ok_and(|s| s.success())
-            && Command::new("apt-get")
-                .args(["install", "-y", "-q", "binaryen"])
-                .status()
-                .is_ok_and(|s| s.success()));
-    if !installed {
+            && install());
+    find()
+}
+
+fn wasm_opt() -> Option<PathBuf> {
+    let found = debian_program("wasm-opt", "binaryen");
+    if found.is_none() {
         eprintln!("xtask: warning: could not install binaryen; the module is not wasm-opt'ed");
     }
-    find()
+    found
 }
 
 fn gzip_len(bytes: &[u8]) -> Result<usize> {
@@ -415,6 +422,8 @@ fn test(args: &[OsString]) -> Result<()> {
     let ml100k = movielens()?;
     let title_model = minilm()?;
     let referee = referee_python()?;
+    let redis = debian_program("redis-server", "redis-server")
+        .context("the host's Redis cache test needs redis-server (Debian's redis-server)")?;
     // End-to-end tests start the real binaries, so build them first. All targets at once
     // unify features as `cargo test` will, so the test run reuses this build.
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
@@ -428,6 +437,7 @@ fn test(args: &[OsString]) -> Result<()> {
         // faster (see shared/NOTES.md).
         .env("CANDLE_NUM_THREADS", "1")
         .env("EDGEREC_BIN_DIR", target_dir().join("debug"))
+        .env("EDGEREC_REDIS_SERVER", &redis)
         .env("EDGEREC_EDGE_WASM", &edge_wasm))
 }
 
