@@ -525,3 +525,102 @@ fn the_redis_cache_outlives_a_host_and_forgets_on_interactions() {
     assert!(!output.status.success());
     assert!(stderr.contains("Redis at redis://127.0.0.1:"), "{stderr}");
 }
+
+/// A plain static HTTP server over a folder (Python's `http.server`), standing where a
+/// CDN would: the host reads the store over HTTP as it would in production.
+struct StaticHttp {
+    child: std::process::Child,
+    url: String,
+}
+
+impl StaticHttp {
+    fn serve(folder: &std::path::Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1", "--directory"])
+            .arg(folder)
+            .arg(port.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 -m http.server starts");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "http.server did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for StaticHttp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn follows_a_channel_over_http() {
+    let fixture = synthetic_bundle();
+    let store = tempfile::tempdir().unwrap();
+    let publish = |bundle: &std::path::Path| {
+        stdout_of(&control_plane([
+            "publish",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--store",
+            store.path().to_str().unwrap(),
+            "--profiles-from",
+            fixture.data().to_str().unwrap(),
+        ]))
+    };
+    publish(&fixture.bundle);
+    let cdn = StaticHttp::serve(store.path());
+    let manifest = format!("{}/manifests/production.json", cdn.url);
+    let host = HostProcess::start(&["--manifest", &manifest, "--poll-interval", "1"]);
+    let http = client();
+    let (status, health) = get(&http, &format!("{}/health", host.url));
+    assert_eq!(status, 200, "{health}\n{}", host.log_text());
+    assert_eq!(
+        (&health["model_version"], &health["profiles"]),
+        (&json!("fixture-1"), &json!(600))
+    );
+
+    publish(&fixture.rebuilt_as("fixture-http-2"));
+    let started = Instant::now();
+    loop {
+        let (_, health) = get(&http, &format!("{}/health", host.url));
+        if health["model_version"] == "fixture-http-2" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no swap over HTTP\n{}",
+            host.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, answer) = get(&http, &format!("{}/recommendations/7?n=5", host.url));
+    assert_eq!(status, 200);
+    assert_eq!(answer["metadata"]["model_version"], "fixture-http-2");
+
+    // The CDN goes away: the host keeps serving what it has.
+    drop(cdn);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (status, answer) = get(&http, &format!("{}/recommendations/8?n=5", host.url));
+    assert_eq!(
+        (status, &answer["metadata"]["model_version"]),
+        (200, &json!("fixture-http-2"))
+    );
+}
