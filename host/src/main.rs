@@ -19,7 +19,7 @@ use host::module::{EdgeModule, Limits};
 use host::pool::Pool;
 use host::profiles::Profiles;
 use host::service::{Host, Settings, router};
-use host::store::Store;
+use host::store::{Store, sha256_hex};
 use host::updater::{Updater, install_bundle};
 
 /// Serves recommendations from the edge module.
@@ -164,7 +164,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     if let Some(path) = &args.bundle {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        install_bundle(&host, bytes)
+        let sha256 = sha256_hex(&bytes);
+        install_bundle(&host, bytes, sha256)
             .await
             .with_context(|| format!("loading bundle {}", path.display()))?;
     }

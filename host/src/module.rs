@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use wasmtime::{
     Config, Engine, Instance, Memory, Module, Store, StoreLimits, StoreLimitsBuilder, TypedFunc,
 };
@@ -112,10 +111,6 @@ impl std::fmt::Debug for EdgeModule {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Loads a module that this process (or an earlier one, with the same engine settings)
 /// precompiled into `path`.
 ///
@@ -149,7 +144,7 @@ impl EdgeModule {
                 engine.precompile_compatibility_hash().hash(&mut hasher);
                 let key = format!(
                     "edge-{}-{:016x}.cwasm",
-                    &hex(&Sha256::digest(wasm))[..32],
+                    &crate::store::sha256_hex(wasm)[..32],
                     hasher.finish()
                 );
                 let path = dir.join(key);

@@ -12,7 +12,6 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Semaphore;
 
 use crate::module::{Answer, BundleSummary, CallError, EdgeInstance, EdgeModule, Limits};
-use crate::store::hex;
 
 /// One bundle, loaded into warm instances.
 pub struct Generation {
@@ -55,15 +54,16 @@ pub enum LoadError {
 }
 
 impl Generation {
-    /// Loads `bundle` into `instances` fresh instances (blocking: run it off the async
-    /// threads). The first instance's refusal is the bundle's.
+    /// Loads `bundle`, whose sha256 is `sha256`, into `instances` fresh instances
+    /// (blocking: run it off the async threads). The first instance's refusal is the
+    /// bundle's.
     pub fn load(
         module: &EdgeModule,
         limits: Limits,
         instances: usize,
         bundle: Arc<[u8]>,
+        sha256: String,
     ) -> Result<Self, LoadError> {
-        use sha2::{Digest, Sha256};
         let started = Instant::now();
         let mut first = module.instantiate(limits).map_err(LoadError::Instantiate)?;
         let summary = first.load_bundle(&bundle).map_err(LoadError::Refused)?;
@@ -75,7 +75,7 @@ impl Generation {
             idle.push(instance);
         }
         Ok(Self {
-            sha256: hex(&Sha256::digest(&bundle)),
+            sha256,
             size: bundle.len(),
             summary,
             loaded_at: SystemTime::now()
@@ -126,13 +126,18 @@ impl Pool {
         self.current.read().expect("pool lock").clone()
     }
 
-    /// Loads `bundle` into fresh instances (on a blocking thread) without touching the
+    /// Loads `bundle` (its sha256 already known: the store verified it, or the caller
+    /// hashed it) into fresh instances on a blocking thread, without touching the
     /// generation that serves now.
-    pub async fn prepare(self: &Arc<Self>, bundle: Vec<u8>) -> Result<Generation, LoadError> {
+    pub async fn prepare(
+        self: &Arc<Self>,
+        bundle: Vec<u8>,
+        sha256: String,
+    ) -> Result<Generation, LoadError> {
         let pool = self.clone();
         let bundle: Arc<[u8]> = bundle.into();
         tokio::task::spawn_blocking(move || {
-            Generation::load(&pool.module, pool.limits, pool.instances, bundle)
+            Generation::load(&pool.module, pool.limits, pool.instances, bundle, sha256)
         })
         .await
         .map_err(|e| LoadError::Instantiate(anyhow::anyhow!("the loading thread failed: {e}")))?
@@ -157,6 +162,7 @@ impl Pool {
             .await
             .expect("the semaphore is never closed");
         let pool = self.clone();
+        let serving = generation.clone();
         let served = tokio::task::spawn_blocking(move || {
             let borrowed = generation.idle.lock().expect("idle lock").pop();
             let mut instance = match borrowed {
@@ -188,7 +194,7 @@ impl Pool {
         drop(permit);
         Some(served.unwrap_or_else(|e| Served {
             result: Err(CallError::Trap(format!("the serving thread failed: {e}"))),
-            generation: self.current().expect("a generation was current"),
+            generation: serving,
             replaced_instance: true,
         }))
     }

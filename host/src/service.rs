@@ -442,37 +442,20 @@ impl Interaction {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(Interaction),
-    Many(Vec<Interaction>),
-}
-
 async fn post_interactions(
     State(host): State<Arc<Host>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let body = body?;
-    // Parsed twice on failure only: untagged enums hide the field that was wrong.
-    let interactions = match serde_json::from_slice::<OneOrMany>(&body) {
-        Ok(OneOrMany::One(one)) => vec![one],
-        Ok(OneOrMany::Many(many)) => many,
-        Err(_) => {
-            let message = match serde_json::from_slice::<Value>(&body) {
-                Err(e) => format!("the body is not JSON: {e}"),
-                Ok(Value::Array(_)) => match serde_json::from_slice::<Vec<Interaction>>(&body) {
-                    Err(e) => format!("an interaction is invalid: {e}"),
-                    Ok(_) => "invalid interactions".into(),
-                },
-                Ok(_) => match serde_json::from_slice::<Interaction>(&body) {
-                    Err(e) => format!("the interaction is invalid: {e}"),
-                    Ok(_) => "invalid interaction".into(),
-                },
-            };
-            return Err(ApiError::bad_request(message));
-        }
-    };
+    let body: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
+    // One object or an array of them; serde names the field that is wrong.
+    let interactions = if body.is_array() {
+        serde_json::from_value::<Vec<Interaction>>(body)
+    } else {
+        serde_json::from_value::<Interaction>(body).map(|one| vec![one])
+    }
+    .map_err(|e| ApiError::bad_request(format!("invalid interaction: {e}")))?;
     if interactions.len() > MAX_INTERACTIONS_PER_POST {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

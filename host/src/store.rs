@@ -192,7 +192,7 @@ impl Store {
                 let bytes = tokio::fs::read(path)
                     .await
                     .with_context(|| format!("reading {}", path.display()))?;
-                let validator = hex(&Sha256::digest(&bytes));
+                let validator = sha256_hex(&bytes);
                 if self.last_seen.as_deref() == Some(validator.as_str()) {
                     return Ok(Poll::Unchanged);
                 }
@@ -277,7 +277,7 @@ pub fn verify(artifact: &Artifact, bytes: &[u8]) -> anyhow::Result<()> {
         bytes.len(),
         artifact.size
     );
-    let actual = hex(&Sha256::digest(bytes));
+    let actual = sha256_hex(bytes);
     ensure!(
         actual == artifact.sha256,
         "{}: sha256 {actual}, the manifest says {}",
@@ -306,9 +306,12 @@ async fn read_limited(mut response: reqwest::Response, limit: u64) -> anyhow::Re
     Ok(bytes)
 }
 
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Lowercase hex of the sha256 of `bytes`: how the store addresses artifacts.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -383,7 +386,7 @@ mod tests {
         let bytes = b"abc";
         let good = Artifact {
             key: "k".into(),
-            sha256: hex(&Sha256::digest(bytes)),
+            sha256: sha256_hex(bytes),
             size: 3,
         };
         assert!(verify(&good, bytes).is_ok());

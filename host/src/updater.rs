@@ -12,9 +12,9 @@ use crate::profiles::Profiles;
 use crate::service::Host;
 use crate::store::{Manifest, Poll, Store};
 
-/// Loads a bundle from bytes and makes it the one served.
-pub async fn install_bundle(host: &Host, bundle: Vec<u8>) -> anyhow::Result<()> {
-    let generation = host.pool.prepare(bundle).await?;
+/// Loads a bundle whose sha256 is `sha256` and makes it the one served.
+pub async fn install_bundle(host: &Host, bundle: Vec<u8>, sha256: String) -> anyhow::Result<()> {
+    let generation = host.pool.prepare(bundle, sha256).await?;
     let (sha256, model_version, load_ms) = (
         generation.sha256.clone(),
         generation.summary.model_version.clone(),
@@ -51,7 +51,7 @@ impl Updater {
         let served = host.pool.current().map(|g| g.sha256.clone());
         if served.as_deref() != Some(manifest.bundle.sha256.as_str()) {
             let bytes = store.fetch(&manifest.bundle).await?;
-            install_bundle(host, bytes)
+            install_bundle(host, bytes, manifest.bundle.sha256.clone())
                 .await
                 .with_context(|| format!("loading bundle {}", manifest.bundle.key))?;
         }

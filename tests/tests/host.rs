@@ -2,16 +2,17 @@
 //! native pipeline's, bad input gets a clear error and never a crash, interactions change
 //! the next answer, and published bundles are swapped in under load without a failure.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use edge::bundle::sha256_hex;
 use edge::recommend::{Recommender, StageMs};
 use edgerec_e2e::requests::varied_requests;
 use edgerec_e2e::{HostProcess, control_plane, stdout_of, synthetic_bundle};
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
 fn client() -> Client {
     Client::builder()
@@ -46,8 +47,78 @@ fn comparable(mut response: Value) -> Value {
     response
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Publishes `bundle` (and, with `profiles_from`, that data set's profiles) to the
+/// store's `production` channel.
+fn publish(store: &Path, bundle: &Path, profiles_from: Option<&Path>) {
+    let mut args = vec![
+        "publish".to_owned(),
+        "--bundle".to_owned(),
+        bundle.to_str().unwrap().to_owned(),
+        "--store".to_owned(),
+        store.to_str().unwrap().to_owned(),
+    ];
+    if let Some(data) = profiles_from {
+        args.extend([
+            "--profiles-from".to_owned(),
+            data.to_str().unwrap().to_owned(),
+        ]);
+    }
+    stdout_of(&control_plane(&args));
+}
+
+/// Waits (up to a minute) until the host serves `version`.
+fn wait_for_version(host: &HostProcess, version: &str) {
+    let started = Instant::now();
+    loop {
+        let (_, health) = get(&client(), &format!("{}/health", host.url));
+        if health["model_version"] == version {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{version} was not swapped in\n{}",
+            host.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A helper process, killed when dropped.
+struct Background(std::process::Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `command` (listening on loopback `port`) and waits until it accepts.
+fn serve_on(port: u16, command: &mut std::process::Command) -> Background {
+    let process = Background(
+        command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{command:?}: {e}")),
+    );
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{command:?} did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    process
 }
 
 #[test]
@@ -66,7 +137,7 @@ fn serves_the_seed_api_with_the_native_pipelines_answers() {
     let (status, health) = get(&http, &url("/health"));
     assert_eq!(status, 200, "{health}");
     assert_eq!(health["model_version"], "fixture-1");
-    assert_eq!(health["bundle_sha256"], hex(&Sha256::digest(&bundle)));
+    assert_eq!(health["bundle_sha256"], sha256_hex(&bundle));
 
     // POST answers equal the native pipeline's, field for field.
     let native = Recommender::from_bundle(&bundle).unwrap();
@@ -237,7 +308,7 @@ fn serves_the_seed_api_with_the_native_pipelines_answers() {
         "edgerec_host_cache_lookups_total{result=\"hit\"} 1".to_owned(),
         format!(
             "edgerec_host_bundle_info{{sha256=\"{}\",model_version=\"fixture-1\"}} 1",
-            hex(&Sha256::digest(&bundle))
+            sha256_hex(&bundle)
         ),
         "edgerec_host_stage_duration_seconds_count{stage=\"ranking\"}".to_owned(),
         "edgerec_host_interactions_total{kind=\"click\"} 1".to_owned(),
@@ -253,15 +324,7 @@ fn serves_the_seed_api_with_the_native_pipelines_answers() {
 fn known_viewers_are_personalized_from_published_profiles() {
     let fixture = synthetic_bundle();
     let store = tempfile::tempdir().unwrap();
-    stdout_of(&control_plane([
-        "publish",
-        "--bundle",
-        fixture.bundle.to_str().unwrap(),
-        "--store",
-        store.path().to_str().unwrap(),
-        "--profiles-from",
-        fixture.data().to_str().unwrap(),
-    ]));
+    publish(store.path(), &fixture.bundle, Some(&fixture.data()));
     let manifest = store.path().join("manifests/production.json");
     let host = HostProcess::start(&["--manifest", manifest.to_str().unwrap()]);
     let http = client();
@@ -290,16 +353,7 @@ fn known_viewers_are_personalized_from_published_profiles() {
 fn published_bundles_swap_in_under_load_without_a_failed_request() {
     let fixture = synthetic_bundle();
     let store = tempfile::tempdir().unwrap();
-    let publish = |bundle: &std::path::Path| {
-        stdout_of(&control_plane([
-            "publish",
-            "--bundle",
-            bundle.to_str().unwrap(),
-            "--store",
-            store.path().to_str().unwrap(),
-        ]))
-    };
-    publish(&fixture.bundle);
+    publish(store.path(), &fixture.bundle, None);
     let manifest = store.path().join("manifests/production.json");
     let host = HostProcess::start(&[
         "--manifest",
@@ -349,19 +403,8 @@ fn published_bundles_swap_in_under_load_without_a_failed_request() {
         .collect();
 
     std::thread::sleep(Duration::from_millis(500));
-    publish(&second);
-    let swapped = |version: &str| {
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(60) {
-            let (_, health) = get(&client(), &format!("{}/health", host.url));
-            if health["model_version"] == version {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        false
-    };
-    assert!(swapped("fixture-2"), "{}", host.log_text());
+    publish(store.path(), &second, None);
+    wait_for_version(&host, "fixture-2");
 
     // A manifest naming a corrupt bundle: refused, and the last good bundle keeps serving.
     let mut text: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
@@ -369,7 +412,7 @@ fn published_bundles_swap_in_under_load_without_a_failed_request() {
     let mut corrupt = std::fs::read(store.path().join(&key)).unwrap();
     let middle = corrupt.len() / 2;
     corrupt[middle] ^= 0xff;
-    let sha = hex(&Sha256::digest(&corrupt));
+    let sha = sha256_hex(&corrupt);
     std::fs::write(store.path().join(format!("bundles/{sha}.bundle")), &corrupt).unwrap();
     // Claims the right hash of corrupt bytes: the download verifies, the module refuses.
     text["bundle"] = json!({"key": format!("bundles/{sha}.bundle"), "sha256": sha,
@@ -426,7 +469,7 @@ fn published_bundles_swap_in_under_load_without_a_failed_request() {
 
 /// A `redis-server` on a free loopback port, stopped when dropped.
 struct RedisServer {
-    child: std::process::Child,
+    _process: Background,
     port: u16,
 }
 
@@ -435,33 +478,17 @@ impl RedisServer {
         let server = std::env::var_os("EDGEREC_REDIS_SERVER").expect(
             "EDGEREC_REDIS_SERVER is not set: run `cargo xtask test`, which installs redis-server",
         );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = std::process::Command::new(server)
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server starts");
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "redis-server did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        let port = free_port();
+        let process = serve_on(
+            port,
+            std::process::Command::new(server)
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--save", "", "--appendonly", "no"]),
+        );
+        Self {
+            _process: process,
+            port,
         }
-        Self { child, port }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -529,44 +556,24 @@ fn the_redis_cache_outlives_a_host_and_forgets_on_interactions() {
 /// A plain static HTTP server over a folder (Python's `http.server`), standing where a
 /// CDN would: the host reads the store over HTTP as it would in production.
 struct StaticHttp {
-    child: std::process::Child,
+    _process: Background,
     url: String,
 }
 
 impl StaticHttp {
-    fn serve(folder: &std::path::Path) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = std::process::Command::new("python3")
-            .args(["-m", "http.server", "--bind", "127.0.0.1", "--directory"])
-            .arg(folder)
-            .arg(port.to_string())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("python3 -m http.server starts");
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "http.server did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    fn serve(folder: &Path) -> Self {
+        let port = free_port();
+        let process = serve_on(
+            port,
+            std::process::Command::new("python3")
+                .args(["-m", "http.server", "--bind", "127.0.0.1", "--directory"])
+                .arg(folder)
+                .arg(port.to_string()),
+        );
         Self {
-            child,
+            _process: process,
             url: format!("http://127.0.0.1:{port}"),
         }
-    }
-}
-
-impl Drop for StaticHttp {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -574,18 +581,7 @@ impl Drop for StaticHttp {
 fn follows_a_channel_over_http() {
     let fixture = synthetic_bundle();
     let store = tempfile::tempdir().unwrap();
-    let publish = |bundle: &std::path::Path| {
-        stdout_of(&control_plane([
-            "publish",
-            "--bundle",
-            bundle.to_str().unwrap(),
-            "--store",
-            store.path().to_str().unwrap(),
-            "--profiles-from",
-            fixture.data().to_str().unwrap(),
-        ]))
-    };
-    publish(&fixture.bundle);
+    publish(store.path(), &fixture.bundle, Some(&fixture.data()));
     let cdn = StaticHttp::serve(store.path());
     let manifest = format!("{}/manifests/production.json", cdn.url);
     let host = HostProcess::start(&["--manifest", &manifest, "--poll-interval", "1"]);
@@ -597,20 +593,9 @@ fn follows_a_channel_over_http() {
         (&json!("fixture-1"), &json!(600))
     );
 
-    publish(&fixture.rebuilt_as("fixture-http-2"));
-    let started = Instant::now();
-    loop {
-        let (_, health) = get(&http, &format!("{}/health", host.url));
-        if health["model_version"] == "fixture-http-2" {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no swap over HTTP\n{}",
-            host.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let second = fixture.rebuilt_as("fixture-http-2");
+    publish(store.path(), &second, Some(&fixture.data()));
+    wait_for_version(&host, "fixture-http-2");
     let (status, answer) = get(&http, &format!("{}/recommendations/7?n=5", host.url));
     assert_eq!(status, 200);
     assert_eq!(answer["metadata"]["model_version"], "fixture-http-2");
