@@ -50,12 +50,66 @@ enum Command {
     /// Build serving bundles.
     #[command(subcommand)]
     Bundle(BundleCommand),
-    /// Publish a bundle (and the viewers' profiles) to a channel of a local store:
-    /// STORE/bundles/<sha256>.bundle, then STORE/manifests/<channel>.json.
+    /// Publish a bundle (and the viewers' profiles) to a channel of a store (a folder or
+    /// s3://bucket/prefix): bundles/<sha256>.bundle, then manifests/<channel>.json; with
+    /// --state, also registered as `serve` shows it.
     Publish(PublishArgs),
+    /// Run the REST API: registry, channels (publish, rollback), public store reads,
+    /// ingest of hosts' inferences and interactions.
+    Serve(ServeArgs),
     /// Show the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+/// Where artifacts are published.
+#[derive(Args)]
+struct StoreArgs {
+    /// The store: a folder, file:///folder or s3://bucket/prefix (credentials, region and
+    /// endpoint from the standard AWS environment and config files).
+    #[arg(long, env = "EDGEREC_STORE")]
+    store: String,
+    /// S3 endpoint URL, for S3-compatible servers [default: AWS_ENDPOINT_URL or AWS].
+    #[arg(long, env = "EDGEREC_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// Path-style S3 addressing (http://host/bucket/key), which most S3-compatible servers
+    /// need.
+    #[arg(long, env = "EDGEREC_S3_PATH_STYLE")]
+    s3_path_style: bool,
+}
+
+impl StoreArgs {
+    fn s3(&self) -> control_plane::object_store::S3Options {
+        control_plane::object_store::S3Options {
+            endpoint: self.s3_endpoint.clone(),
+            path_style: self.s3_path_style,
+        }
+    }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "EDGEREC_CONTROL_LISTEN", default_value = "127.0.0.1:8090")]
+    listen: std::net::SocketAddr,
+    /// Folder of the registry database (registry.sqlite) and the generated API token.
+    #[arg(long, env = "EDGEREC_STATE", default_value = ".edgerec/control-plane")]
+    state: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// The bearer token for writes [default: STATE/api-token, created with a random
+    /// token when missing].
+    #[arg(long, env = "EDGEREC_API_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Largest bundle or profiles upload, MiB.
+    #[arg(long, default_value_t = 1024)]
+    max_artifact_mb: usize,
+    /// Largest JSON or ingest request body, MiB.
+    #[arg(long, default_value_t = 16)]
+    max_body_mb: usize,
+    /// Log filter (tracing's syntax: info, debug, control_plane=debug, ...).
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    log_level: String,
 }
 
 #[derive(Args)]
@@ -63,9 +117,12 @@ struct PublishArgs {
     /// The bundle file.
     #[arg(long)]
     bundle: PathBuf,
-    /// The store's root folder.
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Also register the bundle, profiles and channel event in the registry in this
+    /// folder (what `serve --state` reads).
     #[arg(long)]
-    store: PathBuf,
+    state: Option<PathBuf>,
     /// The channel.
     #[arg(long, default_value = "production")]
     channel: String,
@@ -1007,23 +1064,40 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 None => None,
             };
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64);
-            let (manifest, path) = control_plane::publish::publish_local(
-                &args.store,
-                &args.channel,
-                &bundle,
-                profiles.as_deref(),
-                now,
-            )?;
+            let registry = args
+                .state
+                .as_ref()
+                .map(|state| {
+                    let path = state.join("registry.sqlite");
+                    control_plane::registry::Registry::open(&path)
+                        .with_context(|| format!("opening the registry {}", path.display()))
+                })
+                .transpose()?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            let (manifest, key) = runtime.block_on(async {
+                let store = control_plane::object_store::ObjectStore::open(
+                    &args.store.store,
+                    &args.store.s3(),
+                )
+                .await?;
+                anyhow::Ok(
+                    control_plane::publish::publish_registered(
+                        &store,
+                        registry.as_ref(),
+                        &args.channel,
+                        &bundle,
+                        profiles.as_deref(),
+                    )
+                    .await?,
+                )
+            })?;
             println!(
-                "published {} ({}, {} bytes) to {}: {}",
+                "published {} ({}, {} bytes) to {}: {}/{key}",
                 manifest.bundle.key,
                 manifest.model_version,
                 manifest.bundle.size,
                 manifest.channel,
-                path.display()
+                args.store.store.trim_end_matches('/'),
             );
         }
         Command::Bundle(BundleCommand::Build(args)) => {
@@ -1092,6 +1166,26 @@ fn run(cli: Cli) -> Result<()> {
                 built.model_version,
                 path.display()
             );
+        }
+        Command::Serve(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_new(&args.log_level)
+                        .with_context(|| format!("log level {:?}", args.log_level))?,
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let s3 = args.store.s3();
+            let options = control_plane::serve::ServeOptions {
+                listen: args.listen,
+                state: args.state,
+                store: args.store.store,
+                s3,
+                token: args.token,
+                max_artifact_bytes: args.max_artifact_mb << 20,
+                max_body_bytes: args.max_body_mb << 20,
+            };
+            tokio::runtime::Runtime::new()?.block_on(control_plane::serve::serve(options))?;
         }
         Command::Config(ConfigCommand::Show { file }) => {
             print!("{}", load_config(file.as_deref())?.to_toml());

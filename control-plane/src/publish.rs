@@ -1,22 +1,22 @@
 //! Publishing to a store that a CDN can front: content-addressed, immutable artifacts
 //! (`bundles/<sha256>.bundle`, `profiles/<sha256>.msgpack`) and one small manifest per
 //! channel (`manifests/<channel>.json`), written last so that a reader never sees a
-//! manifest naming a missing or partial file. This module writes the local-filesystem
-//! store; hosts read it as a folder or over HTTP.
+//! manifest naming a missing or partial file. Stores are folders or S3 buckets
+//! ([`crate::object_store`]); hosts read them as a folder or over HTTP.
 //!
 //! The manifest (format 1, JSON):
 //! `{format, channel, model_version, bundle: {key, sha256, size}, profiles?: {key, sha256,
 //! size}, published_at}`; `host::store::Manifest` reads it.
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
 
 use edge::engagement::EngagementRules;
 use serde::{Deserialize, Serialize};
 
 use crate::data::Dataset;
 use crate::eval::positives_by_user;
+use crate::object_store::{CachePolicy, ObjectStore, StoreError};
+use crate::registry::{BundleRecord, ChannelAction, ProfilesRecord, Registry};
 
 /// The manifest format written here.
 pub const MANIFEST_FORMAT: u32 = 1;
@@ -61,21 +61,19 @@ pub enum PublishError {
     /// The bytes are not a bundle that edge can read.
     #[error("not a bundle: {0}")]
     BadBundle(#[from] edge::Error),
-    /// A file operation failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The store does not hold the whole artifact after the upload.
+    #[error("{key}: the store holds {stored:?} bytes after uploading {size}")]
+    Unverified {
+        /// The key.
+        key: String,
+        /// Bytes uploaded.
+        size: u64,
+        /// Bytes the store reports.
+        stored: Option<u64>,
     },
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PublishError + '_ {
-    move |source| PublishError::Io {
-        path: path.to_owned(),
-        source,
-    }
 }
 
 /// Checks a channel name (it becomes a file name in the store).
@@ -170,68 +168,124 @@ pub fn build_profiles(
     (bytes, count)
 }
 
-/// Writes `bytes` to `path` durably: a temporary file in the same folder, synced, then
-/// renamed over the target, then the folder synced.
-fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), PublishError> {
-    let folder = path.parent().expect("store paths have a folder");
-    std::fs::create_dir_all(folder).map_err(io(folder))?;
-    let temporary = folder.join(format!(
-        ".{}.tmp{}",
-        path.file_name()
-            .expect("store paths name a file")
-            .to_string_lossy(),
-        std::process::id()
-    ));
-    let mut file = std::fs::File::create(&temporary).map_err(io(&temporary))?;
-    file.write_all(bytes).map_err(io(&temporary))?;
-    file.sync_all().map_err(io(&temporary))?;
-    drop(file);
-    std::fs::rename(&temporary, path).map_err(io(path))?;
-    std::fs::File::open(folder)
-        .and_then(|dir| dir.sync_all())
-        .map_err(io(folder))
+#[derive(Deserialize)]
+struct ProfilesHeader {
+    format: u32,
+    users: HashMap<u64, serde::de::IgnoredAny>,
 }
 
-/// Stores a content-addressed artifact (kept as is if already there and intact).
-fn put_artifact(
-    store: &Path,
+/// Checks that `bytes` are a profiles artifact of [`PROFILES_FORMAT`] and counts its
+/// viewers.
+pub fn count_profiles(bytes: &[u8]) -> Result<usize, String> {
+    let header: ProfilesHeader = rmp_serde::from_slice(bytes)
+        .map_err(|e| format!("not a profiles artifact (MessagePack {{format, users}}): {e}"))?;
+    if header.format == PROFILES_FORMAT {
+        Ok(header.users.len())
+    } else {
+        Err(format!(
+            "profiles format {} (this control plane publishes {PROFILES_FORMAT})",
+            header.format
+        ))
+    }
+}
+
+fn now_seconds() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// [`publish`] now, and when a registry is given, registers the bundle, the profiles and
+/// the channel event there too (as `POST /bundles`, `POST /profiles` and
+/// `POST /channels/{name}/publish` would).
+pub async fn publish_registered(
+    store: &ObjectStore,
+    registry: Option<&Registry>,
+    channel: &str,
+    bundle: &[u8],
+    profiles: Option<&[u8]>,
+) -> anyhow::Result<(Manifest, String)> {
+    let users = profiles
+        .map(count_profiles)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let now = now_seconds();
+    let (manifest, key) = publish(store, channel, bundle, profiles, now).await?;
+    if let Some(registry) = registry {
+        let header = edge::bundle::BundleView::parse(bundle)?.header;
+        registry.add_bundle(&BundleRecord::new(&header, &manifest.bundle, now))?;
+        if let (Some(artifact), Some(users)) = (&manifest.profiles, users) {
+            registry.add_profiles(&ProfilesRecord {
+                sha256: artifact.sha256.clone(),
+                key: artifact.key.clone(),
+                size: artifact.size,
+                users: users as u64,
+                registered_at: now,
+            })?;
+        }
+        registry.record_channel_event(ChannelAction::Publish, &manifest)?;
+    }
+    Ok((manifest, key))
+}
+
+/// Stores a content-addressed artifact (kept as is if already there whole) and checks that
+/// the store holds all of it before anything may point at it.
+pub async fn put_artifact(
+    store: &ObjectStore,
     folder: &str,
     extension: &str,
     bytes: &[u8],
 ) -> Result<Artifact, PublishError> {
     let sha256 = edge::bundle::sha256_hex(bytes);
     let key = format!("{folder}/{sha256}.{extension}");
-    let path = store.join(&key);
-    let intact = std::fs::read(&path)
-        .map(|existing| edge::bundle::sha256_hex(&existing) == sha256)
-        .unwrap_or(false);
-    if !intact {
-        write_durably(&path, bytes)?;
+    let size = bytes.len() as u64;
+    if store.size(&key).await? != Some(size) {
+        store.put(&key, bytes, CachePolicy::Immutable).await?;
+        let stored = store.size(&key).await?;
+        if stored != Some(size) {
+            return Err(PublishError::Unverified { key, size, stored });
+        }
     }
-    Ok(Artifact {
-        key,
-        sha256,
-        size: bytes.len() as u64,
-    })
+    Ok(Artifact { key, sha256, size })
 }
 
-/// Publishes a bundle (and optionally profiles) to `channel` of the store at `store`:
-/// artifacts first, the manifest last. The bundle is parsed (every section hash checked)
-/// before anything is written.
-pub fn publish_local(
-    store: &Path,
+/// The key of a channel's manifest.
+pub fn manifest_key(channel: &str) -> String {
+    format!("manifests/{channel}.json")
+}
+
+/// Writes a channel's manifest (the last step of a publish: everything it names is in the
+/// store already) and returns its key.
+pub async fn write_manifest(
+    store: &ObjectStore,
+    manifest: &Manifest,
+) -> Result<String, PublishError> {
+    check_channel(&manifest.channel)?;
+    let key = manifest_key(&manifest.channel);
+    let mut text = serde_json::to_vec_pretty(manifest).expect("a manifest serializes");
+    text.push(b'\n');
+    store.put(&key, &text, CachePolicy::Short).await?;
+    Ok(key)
+}
+
+/// Publishes a bundle (and optionally profiles) to `channel`: artifacts first, the
+/// manifest last. The bundle is parsed (every section hash checked) before anything is
+/// written.
+pub async fn publish(
+    store: &ObjectStore,
     channel: &str,
     bundle: &[u8],
     profiles: Option<&[u8]>,
     published_at: i64,
-) -> Result<(Manifest, PathBuf), PublishError> {
+) -> Result<(Manifest, String), PublishError> {
     check_channel(channel)?;
     let view = edge::bundle::BundleView::parse(bundle)?;
     let model_version = view.header.model_version.clone();
-    let bundle = put_artifact(store, "bundles", "bundle", bundle)?;
-    let profiles = profiles
-        .map(|bytes| put_artifact(store, "profiles", "msgpack", bytes))
-        .transpose()?;
+    let bundle = put_artifact(store, "bundles", "bundle", bundle).await?;
+    let profiles = match profiles {
+        Some(bytes) => Some(put_artifact(store, "profiles", "msgpack", bytes).await?),
+        None => None,
+    };
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
         channel: channel.to_owned(),
@@ -240,11 +294,8 @@ pub fn publish_local(
         profiles,
         published_at,
     };
-    let path = store.join("manifests").join(format!("{channel}.json"));
-    let mut text = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
-    text.push(b'\n');
-    write_durably(&path, &text)?;
-    Ok((manifest, path))
+    let key = write_manifest(store, &manifest).await?;
+    Ok((manifest, key))
 }
 
 #[cfg(test)]
@@ -261,11 +312,12 @@ mod tests {
         }
     }
 
-    #[test]
-    fn refuses_what_is_not_a_bundle_and_writes_nothing() {
-        let store = tempfile::tempdir().unwrap();
-        let result = publish_local(store.path(), "production", b"not a bundle", None, 1);
+    #[tokio::test]
+    async fn refuses_what_is_not_a_bundle_and_writes_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let store = ObjectStore::Local(root.path().to_owned());
+        let result = publish(&store, "production", b"not a bundle", None, 1).await;
         assert!(matches!(result, Err(PublishError::BadBundle(_))));
-        assert!(!store.path().join("manifests").exists());
+        assert!(!root.path().join("manifests").exists());
     }
 }

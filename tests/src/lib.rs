@@ -214,71 +214,90 @@ pub fn host_artifacts() -> PathBuf {
         .join("edgerec-host-artifacts")
 }
 
-/// A running `host` process, killed when dropped.
+/// A running server process (host, control plane, S3), killed when dropped.
 #[derive(Debug)]
-pub struct HostProcess {
+pub struct Service {
     child: std::process::Child,
     /// `http://127.0.0.1:PORT`.
     pub url: String,
-    /// Where its log goes.
+    /// Where its standard error goes.
     pub log: PathBuf,
 }
 
-impl HostProcess {
-    /// Starts `host` with the test's edge module on a free loopback port and `args`, and
-    /// waits until it listens.
-    pub fn start(args: &[&str]) -> Self {
+/// The host is one kind of [`Service`].
+pub type HostProcess = Service;
+
+impl Service {
+    /// Starts `command` with its standard error in a log file and waits for the first line
+    /// of its standard output, which must be `banner` followed by its URL.
+    pub fn start(mut command: Command, banner: &str) -> Self {
         use std::io::BufRead;
-        let wasm = std::env::var_os("EDGEREC_EDGE_WASM").expect(
-            "EDGEREC_EDGE_WASM is not set: run `cargo xtask test`, which builds the module",
-        );
         let log_dir = tempfile::Builder::new()
-            .prefix("edgerec-host-")
+            .prefix("edgerec-service-")
             .tempdir()
             .expect("a temporary folder")
             .keep();
-        let log = log_dir.join("host.log");
-        let mut child = Command::new(binary("host"))
+        let log = log_dir.join("stderr.log");
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("a log file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        reader
+            .read_line(&mut line)
+            .expect("the service writes its address");
+        // Keep reading, or its next line would hit a closed pipe and kill it.
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        let Some(url) = line.trim().strip_prefix(banner) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{command:?} did not start: {line:?}\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        };
+        Self {
+            url: url.trim().to_owned(),
+            child,
+            log,
+        }
+    }
+
+    /// Starts `host` with the test's edge module on a free loopback port and `args`, and
+    /// waits until it listens.
+    pub fn host(args: &[&str]) -> Self {
+        let wasm = std::env::var_os("EDGEREC_EDGE_WASM").expect(
+            "EDGEREC_EDGE_WASM is not set: run `cargo xtask test`, which builds the module",
+        );
+        let mut command = Command::new(binary("host"));
+        command
             .arg("--module")
             .arg(&wasm)
             .args(["--listen", "127.0.0.1:0", "--log-level", "info"])
             .arg("--artifacts")
             .arg(host_artifacts())
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("a log file"))
-            .spawn()
-            .expect("host starts");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("host writes its address");
-        let Some(url) = line.trim().strip_prefix("edgerec host listening on ") else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "host did not start: {line:?}\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        };
-        Self {
-            url: url.to_owned(),
-            child,
-            log,
-        }
+            .args(args);
+        Self::start(command, "edgerec host listening on ")
     }
 
     /// What it logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
-}
 
-impl Drop for HostProcess {
-    fn drop(&mut self) {
+    /// Kills it at once (SIGKILL: no shutdown code runs) and waits for it to be gone.
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -386,5 +405,44 @@ pub mod requests {
                 request
             })
             .collect()
+    }
+}
+
+/// Blocking HTTP for the tests (JSON answers).
+pub mod http {
+    use std::time::Duration;
+
+    pub use reqwest::blocking::Client;
+    use serde_json::Value;
+
+    /// A client with a 30 s timeout.
+    pub fn client() -> Client {
+        Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("an HTTP client")
+    }
+
+    /// GET: the status and the JSON body (`Null` when it is not JSON).
+    pub fn get(client: &Client, url: &str) -> (u16, Value) {
+        let response = client.get(url).send().expect("the server answers");
+        let status = response.status().as_u16();
+        (status, response.json().unwrap_or(Value::Null))
+    }
+
+    /// POST a JSON body: the status and the JSON body.
+    pub fn post(
+        client: &Client,
+        url: &str,
+        body: impl Into<reqwest::blocking::Body>,
+    ) -> (u16, Value) {
+        let response = client
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .expect("the server answers");
+        let status = response.status().as_u16();
+        (status, response.json().unwrap_or(Value::Null))
     }
 }

@@ -9,34 +9,10 @@ use std::time::{Duration, Instant};
 
 use edge::bundle::sha256_hex;
 use edge::recommend::{Recommender, StageMs};
+use edgerec_e2e::http::{client, get, post};
 use edgerec_e2e::requests::varied_requests;
 use edgerec_e2e::{HostProcess, control_plane, stdout_of, synthetic_bundle};
-use reqwest::blocking::Client;
 use serde_json::{Value, json};
-
-fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
-fn get(client: &Client, url: &str) -> (u16, Value) {
-    let response = client.get(url).send().unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().unwrap_or(Value::Null))
-}
-
-fn post(client: &Client, url: &str, body: impl Into<reqwest::blocking::Body>) -> (u16, Value) {
-    let response = client
-        .post(url)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().unwrap_or(Value::Null))
-}
 
 /// A response without what differs between runs: timings and the request id.
 fn comparable(mut response: Value) -> Value {
@@ -125,7 +101,7 @@ fn serve_on(port: u16, command: &mut std::process::Command) -> Background {
 fn serves_the_seed_api_with_the_native_pipelines_answers() {
     let fixture = synthetic_bundle();
     let bundle = std::fs::read(&fixture.bundle).unwrap();
-    let host = HostProcess::start(&[
+    let host = HostProcess::host(&[
         "--bundle",
         fixture.bundle.to_str().unwrap(),
         "--max-body-bytes",
@@ -326,7 +302,7 @@ fn known_viewers_are_personalized_from_published_profiles() {
     let store = tempfile::tempdir().unwrap();
     publish(store.path(), &fixture.bundle, Some(&fixture.data()));
     let manifest = store.path().join("manifests/production.json");
-    let host = HostProcess::start(&["--manifest", manifest.to_str().unwrap()]);
+    let host = HostProcess::host(&["--manifest", manifest.to_str().unwrap()]);
     let http = client();
     let (status, health) = get(&http, &format!("{}/health", host.url));
     assert_eq!(status, 200, "{health}\n{}", host.log_text());
@@ -355,7 +331,7 @@ fn published_bundles_swap_in_under_load_without_a_failed_request() {
     let store = tempfile::tempdir().unwrap();
     publish(store.path(), &fixture.bundle, None);
     let manifest = store.path().join("manifests/production.json");
-    let host = HostProcess::start(&[
+    let host = HostProcess::host(&[
         "--manifest",
         manifest.to_str().unwrap(),
         "--poll-interval",
@@ -517,14 +493,14 @@ fn the_redis_cache_outlives_a_host_and_forgets_on_interactions() {
         (cache, response.json::<Value>().unwrap())
     };
 
-    let first_host = HostProcess::start(&args);
+    let first_host = HostProcess::host(&args);
     let (cache, answer) = ask(&first_host);
     assert_eq!(cache, "miss");
     assert_eq!(ask(&first_host), ("hit".to_owned(), answer.clone()));
     drop(first_host);
 
     // A new process finds the answer in Redis.
-    let host = HostProcess::start(&args);
+    let host = HostProcess::host(&args);
     assert_eq!(ask(&host), ("hit".to_owned(), answer.clone()));
     let (status, cached) = get(&http, &format!("{}/cached/42", host.url));
     assert_eq!((status, cached), (200, answer.clone()));
@@ -584,7 +560,7 @@ fn follows_a_channel_over_http() {
     publish(store.path(), &fixture.bundle, Some(&fixture.data()));
     let cdn = StaticHttp::serve(store.path());
     let manifest = format!("{}/manifests/production.json", cdn.url);
-    let host = HostProcess::start(&["--manifest", &manifest, "--poll-interval", "1"]);
+    let host = HostProcess::host(&["--manifest", &manifest, "--poll-interval", "1"]);
     let http = client();
     let (status, health) = get(&http, &format!("{}/health", host.url));
     assert_eq!(status, 200, "{health}\n{}", host.log_text());

@@ -1,0 +1,772 @@
+//! The control plane's REST API (axum): the registry, publishing to channels, the public
+//! store reads a CDN would serve, and the ingest endpoints of the feedback loop.
+//!
+//! Everything except `/health` and the store reads (`/store/...`, public as on a CDN)
+//! requires `Authorization: Bearer <token>`, compared in constant time. Errors are
+//! `{code, message}` with the status, the same shape as the host's.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::ingest::{BatchEncoding, parse_batch};
+use crate::object_store::{CachePolicy, ObjectStore, content_type};
+use crate::publish::{
+    Artifact, MANIFEST_FORMAT, Manifest, PublishError, check_channel, count_profiles, manifest_key,
+    put_artifact, write_manifest,
+};
+use crate::registry::{
+    BundleRecord, ChannelAction, EventKind, ProfilesRecord, Registry, RegistryError,
+};
+
+/// Limits and secrets of a running control plane.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The bearer token for every non-public endpoint.
+    pub token: String,
+    /// Largest bundle or profiles upload.
+    pub max_artifact_bytes: usize,
+    /// Largest JSON or ingest body.
+    pub max_body_bytes: usize,
+}
+
+/// The shared state of the handlers.
+pub struct ControlPlane {
+    registry: Arc<Registry>,
+    store: ObjectStore,
+    token_digest: [u8; 32],
+    settings: Settings,
+    // Publishes and rollbacks of all channels one at a time, so the registry's order of
+    // events is the order the manifests were written in.
+    channel_writes: tokio::sync::Mutex<()>,
+}
+
+impl ControlPlane {
+    /// The state for a registry and a store.
+    pub fn new(registry: Registry, store: ObjectStore, settings: Settings) -> Self {
+        Self {
+            registry: Arc::new(registry),
+            store,
+            token_digest: Sha256::digest(settings.token.as_bytes()).into(),
+            settings,
+            channel_writes: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Runs a registry call off the async workers (SQLite waits for the disk).
+    async fn registry<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&Registry) -> Result<T, RegistryError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let registry = self.registry.clone();
+        tokio::task::spawn_blocking(move || call(&registry))
+            .await
+            .map_err(|e| ApiError::internal(format!("registry task: {e}")))?
+            .map_err(|e| ApiError::internal(e.to_string()))
+    }
+}
+
+/// A JSON error: `{code, message}` with a status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(code = self.code, message = %self.message, "request failed");
+        }
+        (
+            self.status,
+            Json(json!({"code": self.code, "message": self.message})),
+        )
+            .into_response()
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        Self::rejection(rejection.status(), rejection.body_text())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        Self::rejection(rejection.status(), rejection.body_text())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        Self::rejection(rejection.status(), rejection.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::rejection(rejection.status(), rejection.body_text())
+    }
+}
+
+impl ApiError {
+    fn rejection(status: StatusCode, text: String) -> Self {
+        let code = match status {
+            StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+            _ => "invalid_request",
+        };
+        Self::new(status, code, text)
+    }
+}
+
+impl From<PublishError> for ApiError {
+    fn from(error: PublishError) -> Self {
+        match error {
+            PublishError::BadChannel(_) => Self::bad_request(error.to_string()),
+            PublishError::BadBundle(_) => {
+                Self::new(StatusCode::BAD_REQUEST, "invalid_bundle", error.to_string())
+            }
+            PublishError::Store(_) | PublishError::Unverified { .. } => {
+                Self::new(StatusCode::BAD_GATEWAY, "store_failed", error.to_string())
+            }
+        }
+    }
+}
+
+fn now_seconds() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn is_sha256_hex(text: &str) -> bool {
+    text.len() == 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn check_sha256(what: &str, text: &str) -> Result<(), ApiError> {
+    if is_sha256_hex(text) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "{what} {text:?} is not a sha256 (64 lowercase hex digits)"
+        )))
+    }
+}
+
+/// The router with every route.
+pub fn router(control_plane: Arc<ControlPlane>) -> Router {
+    let settings = &control_plane.settings;
+    let artifact_limit = DefaultBodyLimit::max(settings.max_artifact_bytes);
+    let protected = Router::new()
+        .route(
+            "/bundles",
+            get(list_bundles).post(upload_bundle).layer(artifact_limit),
+        )
+        .route("/bundles/{sha256}", get(show_bundle))
+        .route("/profiles", post(upload_profiles).layer(artifact_limit))
+        .route("/channels", get(list_channels))
+        .route("/channels/{name}", get(show_channel))
+        .route("/channels/{name}/publish", post(publish_channel))
+        .route("/channels/{name}/rollback", post(rollback_channel))
+        .route(
+            "/ingest/inferences",
+            post(ingest_inferences).get(list_inferences),
+        )
+        .route(
+            "/ingest/interactions",
+            post(ingest_interactions).get(list_interactions),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            control_plane.clone(),
+            require_token,
+        ));
+    Router::new()
+        .route("/health", get(health))
+        .route("/store/{*key}", get(read_store))
+        .merge(protected)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(settings.max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            control_plane.clone(),
+            refuse_declared_oversize,
+        ))
+        .with_state(control_plane)
+}
+
+/// Answers 413 before reading a byte when `Content-Length` already exceeds the route's
+/// limit: a client that sent `Expect: 100-continue` (curl does above 1 MiB) then never
+/// uploads the body, and the answer cannot be lost to a connection reset mid-upload.
+async fn refuse_declared_oversize(
+    State(control_plane): State<Arc<ControlPlane>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let limit = match request.uri().path() {
+        "/bundles" | "/profiles" => control_plane.settings.max_artifact_bytes,
+        _ => control_plane.settings.max_body_bytes,
+    };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    match declared {
+        Some(length) if length > limit as u64 => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is {length} bytes; this endpoint takes at most {limit}"),
+        )
+        .into_response(),
+        _ => next.run(request).await,
+    }
+}
+
+async fn require_token(
+    State(control_plane): State<Arc<ControlPlane>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    let Some(presented) = presented else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this endpoint needs `Authorization: Bearer <token>`",
+        )
+        .into_response();
+    };
+    // Hashing first makes the comparison constant-time in the token's length as well.
+    let digest: [u8; 32] = Sha256::digest(presented.trim().as_bytes()).into();
+    if bool::from(digest.ct_eq(&control_plane.token_digest)) {
+        next.run(request).await
+    } else {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong token").into_response()
+    }
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::not_found("not_found", format!("no route for {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} does not take {method}", uri.path()),
+    )
+}
+
+async fn health(
+    State(control_plane): State<Arc<ControlPlane>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let channels = control_plane
+        .registry(|registry| registry.channels())
+        .await?;
+    let serving: HashMap<String, String> = channels
+        .into_iter()
+        .map(|manifest| (manifest.channel, manifest.model_version))
+        .collect();
+    Ok(Json(json!({
+        "status": "ok",
+        "store": control_plane.store.describe(),
+        "channels": serving,
+    })))
+}
+
+/// Which keys the store endpoint serves: the published layout and nothing else, so no
+/// name can reach outside it.
+fn public_key(key: &str) -> Option<CachePolicy> {
+    let (folder, file) = key.split_once('/')?;
+    let (stem, extension) = file.rsplit_once('.')?;
+    match (folder, extension) {
+        ("manifests", "json") if check_channel(stem).is_ok() => Some(CachePolicy::Short),
+        ("bundles", "bundle") | ("profiles", "msgpack") if is_sha256_hex(stem) => {
+            Some(CachePolicy::Immutable)
+        }
+        _ => None,
+    }
+}
+
+async fn read_store(
+    State(control_plane): State<Arc<ControlPlane>>,
+    key: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Path(key) = key?;
+    let policy = public_key(&key).ok_or_else(|| {
+        ApiError::not_found(
+            "not_found",
+            format!("{key}: the store serves manifests/<channel>.json, bundles/<sha256>.bundle and profiles/<sha256>.msgpack"),
+        )
+    })?;
+    let bytes = control_plane
+        .store
+        .get(&key)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "store_failed", e.to_string()))?
+        .ok_or_else(|| ApiError::not_found("not_found", format!("{key} is not in the store")))?;
+    let etag = format!("\"{}\"", edge::bundle::sha256_hex(&bytes));
+    let mut response = if headers
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|value| value.as_bytes() == etag.as_bytes())
+    {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        bytes.into_response()
+    };
+    let response_headers = response.headers_mut();
+    response_headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(policy.header()),
+    );
+    response_headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type(&key)),
+    );
+    response_headers.insert(
+        header::ETAG,
+        HeaderValue::from_str(&etag).expect("hex is a valid header"),
+    );
+    Ok(response)
+}
+
+async fn list_bundles(
+    State(control_plane): State<Arc<ControlPlane>>,
+) -> Result<Json<Vec<BundleRecord>>, ApiError> {
+    Ok(Json(control_plane.registry(|r| r.bundles()).await?))
+}
+
+async fn show_bundle(
+    State(control_plane): State<Arc<ControlPlane>>,
+    sha256: Result<Path<String>, PathRejection>,
+) -> Result<Json<BundleRecord>, ApiError> {
+    let Path(sha256) = sha256?;
+    check_sha256("bundle", &sha256)?;
+    let wanted = sha256.clone();
+    control_plane
+        .registry(move |r| r.bundle(&wanted))
+        .await?
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "unknown_bundle",
+                format!("bundle {sha256} is not registered"),
+            )
+        })
+}
+
+async fn upload_bundle(
+    State(control_plane): State<Arc<ControlPlane>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<BundleRecord>), ApiError> {
+    let body = body?;
+    let header = edge::bundle::BundleView::parse(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_bundle", e.to_string()))?
+        .header;
+    let artifact = put_artifact(&control_plane.store, "bundles", "bundle", &body).await?;
+    let record = BundleRecord::new(&header, &artifact, now_seconds());
+    let to_add = record.clone();
+    let added = control_plane
+        .registry(move |r| r.add_bundle(&to_add))
+        .await?;
+    if added {
+        tracing::info!(sha256 = %record.sha256, model_version = %record.model_version, size = record.size, "bundle registered");
+        Ok((StatusCode::CREATED, Json(record)))
+    } else {
+        let sha256 = record.sha256.clone();
+        let existing = control_plane
+            .registry(move |r| r.bundle(&sha256))
+            .await?
+            .unwrap_or(record);
+        Ok((StatusCode::OK, Json(existing)))
+    }
+}
+
+async fn upload_profiles(
+    State(control_plane): State<Arc<ControlPlane>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<ProfilesRecord>), ApiError> {
+    let body = body?;
+    let users = count_profiles(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_profiles", e))?;
+    let artifact = put_artifact(&control_plane.store, "profiles", "msgpack", &body).await?;
+    let record = ProfilesRecord {
+        sha256: artifact.sha256,
+        key: artifact.key,
+        size: artifact.size,
+        users: users as u64,
+        registered_at: now_seconds(),
+    };
+    let to_add = record.clone();
+    let added = control_plane
+        .registry(move |r| r.add_profiles(&to_add))
+        .await?;
+    let status = if added {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(record)))
+}
+
+async fn list_channels(
+    State(control_plane): State<Arc<ControlPlane>>,
+) -> Result<Json<Vec<Manifest>>, ApiError> {
+    Ok(Json(control_plane.registry(|r| r.channels()).await?))
+}
+
+fn channel_name(name: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    let Path(name) = name?;
+    check_channel(&name).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(name)
+}
+
+async fn show_channel(
+    State(control_plane): State<Arc<ControlPlane>>,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Json<crate::registry::Channel>, ApiError> {
+    let name = channel_name(name)?;
+    let wanted = name.clone();
+    control_plane
+        .registry(move |r| r.channel(&wanted))
+        .await?
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "unknown_channel",
+                format!("nothing was ever published to {name}"),
+            )
+        })
+}
+
+/// `POST /channels/{name}/publish`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest {
+    /// The sha256 of a registered bundle.
+    pub bundle: String,
+    /// The sha256 of registered profiles, if hosts should get them.
+    #[serde(default)]
+    pub profiles: Option<String>,
+}
+
+/// What a publish or rollback wrote.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ChannelWrite {
+    /// The registry's event id.
+    pub event: i64,
+    /// Publish or rollback.
+    pub action: ChannelAction,
+    /// The manifest now at `manifests/<channel>.json`.
+    pub manifest: Manifest,
+}
+
+/// Checks that the store still holds every byte of an artifact a manifest will name.
+async fn check_in_store(store: &ObjectStore, artifact: &Artifact) -> Result<(), ApiError> {
+    let stored = store
+        .size(&artifact.key)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "store_failed", e.to_string()))?;
+    if stored == Some(artifact.size) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "artifact_missing",
+            format!(
+                "{} is registered with {} bytes but the store holds {stored:?}; upload it again",
+                artifact.key, artifact.size
+            ),
+        ))
+    }
+}
+
+async fn write_channel(
+    control_plane: &ControlPlane,
+    action: ChannelAction,
+    manifest: Manifest,
+) -> Result<Json<ChannelWrite>, ApiError> {
+    check_in_store(&control_plane.store, &manifest.bundle).await?;
+    if let Some(profiles) = &manifest.profiles {
+        check_in_store(&control_plane.store, profiles).await?;
+    }
+    write_manifest(&control_plane.store, &manifest).await?;
+    let recorded = manifest.clone();
+    let event = control_plane
+        .registry(move |r| r.record_channel_event(action, &recorded))
+        .await?;
+    tracing::info!(channel = %manifest.channel, ?action, bundle = %manifest.bundle.sha256, model_version = %manifest.model_version, "channel written");
+    Ok(Json(ChannelWrite {
+        event: event.id,
+        action,
+        manifest,
+    }))
+}
+
+async fn publish_channel(
+    State(control_plane): State<Arc<ControlPlane>>,
+    name: Result<Path<String>, PathRejection>,
+    request: Result<Json<PublishRequest>, JsonRejection>,
+) -> Result<Json<ChannelWrite>, ApiError> {
+    let channel = channel_name(name)?;
+    let Json(request) = request?;
+    check_sha256("bundle", &request.bundle)?;
+    if let Some(profiles) = &request.profiles {
+        check_sha256("profiles", profiles)?;
+    }
+    let wanted = request.bundle.clone();
+    let bundle = control_plane
+        .registry(move |r| r.bundle(&wanted))
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "unknown_bundle",
+                format!(
+                    "bundle {} is not registered; upload it with POST /bundles first",
+                    request.bundle
+                ),
+            )
+        })?;
+    let profiles = match request.profiles.clone() {
+        Some(sha256) => {
+            let wanted = sha256.clone();
+            let record = control_plane
+                .registry(move |r| r.profiles(&wanted))
+                .await?
+                .ok_or_else(|| {
+                    ApiError::not_found(
+                        "unknown_profiles",
+                        format!("profiles {sha256} are not registered; upload them with POST /profiles first"),
+                    )
+                })?;
+            Some(Artifact {
+                key: record.key,
+                sha256: record.sha256,
+                size: record.size,
+            })
+        }
+        None => None,
+    };
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        channel,
+        model_version: bundle.model_version.clone(),
+        bundle: bundle.artifact(),
+        profiles,
+        published_at: now_seconds(),
+    };
+    let _one_at_a_time = control_plane.channel_writes.lock().await;
+    write_channel(&control_plane, ChannelAction::Publish, manifest).await
+}
+
+async fn rollback_channel(
+    State(control_plane): State<Arc<ControlPlane>>,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Json<ChannelWrite>, ApiError> {
+    let channel = channel_name(name)?;
+    let _one_at_a_time = control_plane.channel_writes.lock().await;
+    let wanted = channel.clone();
+    let mut manifest = control_plane
+        .registry(move |r| r.rollback_target(&wanted))
+        .await?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "nothing_to_roll_back",
+                format!("{channel} has no earlier bundle to go back to"),
+            )
+        })?;
+    manifest.published_at = now_seconds();
+    write_channel(&control_plane, ChannelAction::Rollback, manifest).await
+}
+
+#[derive(Serialize)]
+struct IngestAnswer {
+    accepted: usize,
+    duplicates: usize,
+}
+
+async fn ingest(
+    control_plane: &ControlPlane,
+    kind: EventKind,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<IngestAnswer>, ApiError> {
+    let body = body?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("");
+    let encoding = BatchEncoding::from_content_type(content_type).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("Content-Type {content_type:?}: send application/x-ndjson, application/json or application/msgpack"),
+        )
+    })?;
+    let events = parse_batch(kind, encoding, &body).map_err(ApiError::bad_request)?;
+    let received_at = now_millis();
+    let (accepted, duplicates) = control_plane
+        .registry(move |r| r.ingest(kind, &events, received_at))
+        .await?;
+    Ok(Json(IngestAnswer {
+        accepted,
+        duplicates,
+    }))
+}
+
+async fn ingest_inferences(
+    State(control_plane): State<Arc<ControlPlane>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<IngestAnswer>, ApiError> {
+    ingest(&control_plane, EventKind::Inference, &headers, body).await
+}
+
+async fn ingest_interactions(
+    State(control_plane): State<Arc<ControlPlane>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<IngestAnswer>, ApiError> {
+    ingest(&control_plane, EventKind::Interaction, &headers, body).await
+}
+
+#[derive(Deserialize)]
+struct Page {
+    #[serde(default)]
+    after: i64,
+    #[serde(default = "default_page")]
+    limit: usize,
+}
+
+fn default_page() -> usize {
+    1000
+}
+
+async fn list_events(
+    control_plane: &ControlPlane,
+    kind: EventKind,
+    page: Result<Query<Page>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(page) = page?;
+    if page.limit == 0 || page.limit > 10_000 {
+        return Err(ApiError::bad_request("limit must be 1-10000"));
+    }
+    let (events, total) = control_plane
+        .registry(move |r| {
+            Ok((
+                r.events(kind, page.after, page.limit)?,
+                r.event_count(kind)?,
+            ))
+        })
+        .await?;
+    let next_after = events.last().map_or(page.after, |e| e.sequence);
+    Ok(Json(
+        json!({"total": total, "next_after": next_after, "events": events}),
+    ))
+}
+
+async fn list_inferences(
+    State(control_plane): State<Arc<ControlPlane>>,
+    page: Result<Query<Page>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    list_events(&control_plane, EventKind::Inference, page).await
+}
+
+async fn list_interactions(
+    State(control_plane): State<Arc<ControlPlane>>,
+    page: Result<Query<Page>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    list_events(&control_plane, EventKind::Interaction, page).await
+}
+
+/// The key a channel's manifest is served at, for printing.
+pub fn manifest_path(channel: &str) -> String {
+    format!("/store/{}", manifest_key(channel))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_published_layout_is_public() {
+        let sha = "a".repeat(64);
+        assert_eq!(
+            public_key("manifests/production.json"),
+            Some(CachePolicy::Short)
+        );
+        assert_eq!(
+            public_key(&format!("bundles/{sha}.bundle")),
+            Some(CachePolicy::Immutable)
+        );
+        assert_eq!(
+            public_key(&format!("profiles/{sha}.msgpack")),
+            Some(CachePolicy::Immutable)
+        );
+        for bad in [
+            "manifests/../registry.sqlite.json",
+            "../etc/passwd",
+            "manifests/Prod.json",
+            "bundles/abc.bundle",
+            &format!("bundles/{sha}.msgpack"),
+            &format!("other/{sha}.bundle"),
+            "registry.sqlite",
+            "manifests/a/b.json",
+        ] {
+            assert_eq!(public_key(bad), None, "{bad}");
+        }
+    }
+}

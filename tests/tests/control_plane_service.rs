@@ -1,0 +1,644 @@
+//! The control plane's REST API and publishing with real parts: an S3-compatible server
+//! (s3s-fs, SigV4-checked, anonymous reads only) on loopback, the `control-plane serve`
+//! process with its SQLite registry, and a host that follows the channel over plain HTTP.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use edge::bundle::sha256_hex;
+use edge::recommend::Recommender;
+use edgerec_e2e::http::{Client, client, get, post};
+use edgerec_e2e::{HostProcess, Service, binary, stdout_of, synthetic_bundle};
+use serde_json::{Value, json};
+
+const ACCESS_KEY: &str = "edgerec-test-key";
+const SECRET_KEY: &str = "edgerec-test-secret";
+const TOKEN: &str = "test-token-4f1c2a";
+
+/// An S3-compatible server over a fresh folder with the bucket `edgerec`.
+fn start_s3(root: &Path) -> Service {
+    let mut command = Command::new(binary("s3-server"));
+    command.arg(root).args([ACCESS_KEY, SECRET_KEY, "edgerec"]);
+    Service::start(command, "s3 listening on ")
+}
+
+/// The standard AWS environment pointing at the test's server and nothing else.
+fn aws_environment(command: &mut Command, endpoint: &str) {
+    command
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/nonexistent/edgerec-test")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/edgerec-test")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env("EDGEREC_S3_ENDPOINT", endpoint)
+        .env("EDGEREC_S3_PATH_STYLE", "true");
+}
+
+fn start_control_plane(state: &Path, store: &str, s3: Option<&str>, extra: &[&str]) -> Service {
+    let mut command = Command::new(binary("control-plane"));
+    command
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "info",
+            "--state",
+        ])
+        .arg(state)
+        .args(["--store", store])
+        .args(extra)
+        .env("EDGEREC_API_TOKEN", TOKEN);
+    if let Some(endpoint) = s3 {
+        aws_environment(&mut command, endpoint);
+    }
+    Service::start(command, "edgerec control plane listening on ")
+}
+
+/// A request with the API token: status and JSON body.
+fn authed(
+    http: &Client,
+    method: reqwest::Method,
+    url: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> (u16, Value) {
+    let response = http
+        .request(method, url)
+        .bearer_auth(TOKEN)
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .expect("the control plane answers");
+    let status = response.status().as_u16();
+    (status, response.json().unwrap_or(Value::Null))
+}
+
+fn authed_get(http: &Client, url: &str) -> (u16, Value) {
+    authed(
+        http,
+        reqwest::Method::GET,
+        url,
+        "application/json",
+        Vec::new(),
+    )
+}
+
+fn authed_post(http: &Client, url: &str, body: &Value) -> (u16, Value) {
+    authed(
+        http,
+        reqwest::Method::POST,
+        url,
+        "application/json",
+        body.to_string().into_bytes(),
+    )
+}
+
+fn wait_for_version(host: &HostProcess, version: &str) {
+    let started = Instant::now();
+    loop {
+        let (_, health) = get(&client(), &format!("{}/health", host.url));
+        if health["model_version"] == version {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{version} was not swapped in\n{}",
+            host.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// GET over plain HTTP, no credentials: status, `Cache-Control` and body.
+fn plain_get(http: &Client, url: &str) -> (u16, String, Vec<u8>) {
+    let response = http.get(url).send().expect("the store answers");
+    let status = response.status().as_u16();
+    let cache = response
+        .headers()
+        .get("cache-control")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status, cache, response.bytes().unwrap().to_vec())
+}
+
+/// The manifest of `production` and the bundle it names, fetched anonymously over HTTP
+/// with the bundle's sha256 checked against the manifest's.
+fn fetch_published(http: &Client, store_url: &str) -> Value {
+    let (status, cache, body) = plain_get(http, &format!("{store_url}/manifests/production.json"));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        cache, "public, max-age=60",
+        "manifests are short-lived in caches"
+    );
+    let manifest: Value = serde_json::from_slice(&body).unwrap();
+    let key = manifest["bundle"]["key"].as_str().unwrap();
+    let (status, cache, bundle) = plain_get(http, &format!("{store_url}/{key}"));
+    assert_eq!(status, 200);
+    assert_eq!(cache, "public, max-age=31536000, immutable");
+    assert_eq!(json!(sha256_hex(&bundle)), manifest["bundle"]["sha256"]);
+    assert_eq!(json!(bundle.len()), manifest["bundle"]["size"]);
+    manifest
+}
+
+#[test]
+fn publishes_to_s3_and_a_host_follows_publish_and_rollback() {
+    let fixture = synthetic_bundle();
+    let first_bytes = std::fs::read(&fixture.bundle).unwrap();
+    let first_sha = sha256_hex(&first_bytes);
+    let s3_root = tempfile::tempdir().unwrap();
+    let s3 = start_s3(s3_root.path());
+    let state = tempfile::tempdir().unwrap();
+    let store = "s3://edgerec/cdn";
+    let store_url = format!("{}/edgerec/cdn", s3.url);
+    let http = client();
+
+    // The command line publishes the first bundle and its profiles and registers them.
+    let mut publish = Command::new(binary("control-plane"));
+    publish
+        .arg("publish")
+        .arg("--bundle")
+        .arg(&fixture.bundle)
+        .args(["--store", store, "--state"])
+        .arg(state.path())
+        .arg("--profiles-from")
+        .arg(fixture.data());
+    aws_environment(&mut publish, &s3.url);
+    stdout_of(&publish.output().unwrap());
+    let manifest = fetch_published(&http, &store_url);
+    assert_eq!(manifest["bundle"]["sha256"], json!(first_sha));
+    assert_eq!(manifest["model_version"], "fixture-1");
+    // Reads are public, writes are not.
+    let refused = http
+        .put(format!("{store_url}/manifests/production.json"))
+        .body("{}")
+        .send()
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 403);
+
+    // A host follows the channel from the S3 server over HTTP and personalizes.
+    let manifest_url = format!("{store_url}/manifests/production.json");
+    let host = HostProcess::host(&["--manifest", &manifest_url, "--poll-interval", "1"]);
+    let (status, health) = get(&http, &format!("{}/health", host.url));
+    assert_eq!(status, 200, "{health}\n{}", host.log_text());
+    assert_eq!(
+        (&health["model_version"], &health["profiles"]),
+        (&json!("fixture-1"), &json!(600))
+    );
+    let native = Recommender::from_bundle(&first_bytes).unwrap();
+    let mut by_category: std::collections::BTreeMap<&str, Vec<u64>> = Default::default();
+    for video in native.catalog().iter() {
+        by_category
+            .entry(video.category())
+            .or_default()
+            .push(video.video_id());
+    }
+    let (category, videos) = by_category
+        .iter()
+        .max_by_key(|(_, videos)| videos.len())
+        .unwrap();
+    let catalog_share = videos.len() as f64 / native.catalog().len() as f64;
+    let history: Vec<u64> = videos.iter().take(8).copied().collect();
+    let (status, answer) = post(
+        &http,
+        &format!("{}/recommendations", host.url),
+        json!({"user_id": 900_001, "n": 10, "watch_history": history}).to_string(),
+    );
+    assert_eq!(status, 200, "{answer}");
+    let items = answer["recommendations"].as_array().unwrap();
+    let same = items
+        .iter()
+        .filter(|item| item["category"] == **category)
+        .count();
+    let share = same as f64 / items.len() as f64;
+    eprintln!(
+        "a viewer of only {category}: {same} of {} recommendations in it (catalogue share {catalog_share:.2})",
+        items.len()
+    );
+    assert!(
+        share >= 0.5 && share >= 2.0 * catalog_share,
+        "{same} of {} in {category} (catalogue share {catalog_share:.2}): {answer}",
+        items.len()
+    );
+    // An interaction changes the next answer of a known viewer.
+    let (_, before) = get(&http, &format!("{}/recommendations/7?n=10", host.url));
+    let watched = before["recommendations"][0]["video_id"].as_u64().unwrap();
+    let (status, _) = post(
+        &http,
+        &format!("{}/interactions", host.url),
+        json!({"user_id": 7, "video_id": watched, "interaction_type": "like"}).to_string(),
+    );
+    assert_eq!(status, 202);
+    let (_, after) = get(&http, &format!("{}/recommendations/7?n=10", host.url));
+    assert_ne!(before["recommendations"], after["recommendations"]);
+
+    // The service sees what the command line registered.
+    let control = start_control_plane(state.path(), store, Some(&s3.url), &[]);
+    let (status, channel) = authed_get(&http, &format!("{}/channels/production", control.url));
+    assert_eq!(status, 200, "{channel}\n{}", control.log_text());
+    assert_eq!(channel["current"]["bundle"]["sha256"], json!(first_sha));
+    let profiles_sha = channel["current"]["profiles"]["sha256"].clone();
+    assert!(profiles_sha.is_string());
+
+    // A second bundle: uploaded (twice: the second is a no-op), published, served.
+    let second_bytes = std::fs::read(fixture.rebuilt_as("fixture-s3-2")).unwrap();
+    let upload = |bytes: &[u8]| {
+        authed(
+            &http,
+            reqwest::Method::POST,
+            &format!("{}/bundles", control.url),
+            "application/octet-stream",
+            bytes.to_vec(),
+        )
+    };
+    let (status, record) = upload(&second_bytes);
+    assert_eq!(status, 201, "{record}\n{}", control.log_text());
+    assert_eq!(record["model_version"], "fixture-s3-2");
+    let second_sha = record["sha256"].as_str().unwrap().to_owned();
+    assert_eq!(second_sha, sha256_hex(&second_bytes));
+    assert_eq!(upload(&second_bytes).0, 200);
+    let (status, written) = authed_post(
+        &http,
+        &format!("{}/channels/production/publish", control.url),
+        &json!({"bundle": second_sha, "profiles": profiles_sha}),
+    );
+    assert_eq!(status, 200, "{written}");
+    assert_eq!(
+        fetch_published(&http, &store_url)["bundle"]["sha256"],
+        json!(second_sha)
+    );
+    wait_for_version(&host, "fixture-s3-2");
+
+    // Rollback: the manifest points at the first bundle again and the host follows.
+    let (status, rolled) = authed_post(
+        &http,
+        &format!("{}/channels/production/rollback", control.url),
+        &json!({}),
+    );
+    assert_eq!(status, 200, "{rolled}");
+    assert_eq!(rolled["action"], "rollback");
+    let manifest = fetch_published(&http, &store_url);
+    assert_eq!(manifest["bundle"]["sha256"], json!(first_sha));
+    assert_eq!(manifest["profiles"]["sha256"], profiles_sha);
+    wait_for_version(&host, "fixture-1");
+    let (status, refused) = authed_post(
+        &http,
+        &format!("{}/channels/production/rollback", control.url),
+        &json!({}),
+    );
+    assert_eq!(
+        (status, &refused["code"]),
+        (409, &json!("nothing_to_roll_back"))
+    );
+    let (_, channel) = authed_get(&http, &format!("{}/channels/production", control.url));
+    let actions: Vec<&Value> = channel["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|event| &event["action"])
+        .collect();
+    assert_eq!(
+        actions,
+        [&json!("rollback"), &json!("publish"), &json!("publish")]
+    );
+    let (status, bundles) = authed_get(&http, &format!("{}/bundles", control.url));
+    assert_eq!((status, bundles.as_array().unwrap().len()), (200, 2));
+
+    // Past 16 MiB the upload goes to S3 in parts; what comes back is every byte.
+    let mut noise = edgerec_e2e::requests::Stream(11);
+    let big_section: Vec<u8> = (0..(20 << 20) / 8)
+        .flat_map(|_| noise.next_u64().to_le_bytes())
+        .collect();
+    let big = edge::bundle::BundleBuilder::new("big-multipart", 1)
+        .section(edge::bundle::SectionKind::Shard, big_section)
+        .to_bytes()
+        .unwrap();
+    let (status, record) = upload(&big);
+    assert_eq!(status, 201, "{record}\n{}", control.log_text());
+    let key = record["key"].as_str().unwrap();
+    let (status, cache, fetched) = plain_get(&http, &format!("{store_url}/{key}"));
+    assert_eq!(
+        (status, cache.as_str()),
+        (200, "public, max-age=31536000, immutable")
+    );
+    assert_eq!(fetched.len(), big.len());
+    assert_eq!(sha256_hex(&fetched), sha256_hex(&big));
+}
+
+/// Sends only the head of a POST that announces `length` bytes and waits for the server
+/// to agree (`Expect: 100-continue`), as curl does for big uploads; returns the final
+/// answer's status and JSON body.
+fn declare_upload(base: &str, path: &str, content_type: &str, length: usize) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let address = base.strip_prefix("http://").unwrap();
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: {content_type}\r\nContent-Length: {length}\r\n\
+         Expect: 100-continue\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        !text.contains("100 Continue"),
+        "the server asked for the body: {text}"
+    );
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text}"));
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[test]
+fn refuses_bad_requests_with_clear_errors() {
+    let fixture = synthetic_bundle();
+    let state = tempfile::tempdir().unwrap();
+    let store = state.path().join("store");
+    let control = start_control_plane(
+        state.path(),
+        store.to_str().unwrap(),
+        None,
+        &["--max-artifact-mb", "8", "--max-body-mb", "1"],
+    );
+    let http = client();
+    let url = |path: &str| format!("{}{path}", control.url);
+    let code =
+        |(status, body): (u16, Value)| (status, body["code"].as_str().unwrap_or("").to_owned());
+
+    // Public: health and the store layout; everything else needs the token.
+    assert_eq!(get(&http, &url("/health")).0, 200);
+    for (method, path) in [
+        (reqwest::Method::GET, "/channels"),
+        (reqwest::Method::POST, "/bundles"),
+        (reqwest::Method::POST, "/channels/production/publish"),
+        (reqwest::Method::POST, "/ingest/interactions"),
+        (reqwest::Method::GET, "/ingest/inferences"),
+    ] {
+        let response = http.request(method.clone(), url(path)).send().unwrap();
+        assert_eq!(
+            response.status().as_u16(),
+            401,
+            "{method} {path} without a token"
+        );
+        let wrong = http
+            .request(method.clone(), url(path))
+            .bearer_auth("not-the-token")
+            .send()
+            .unwrap();
+        assert_eq!(
+            wrong.status().as_u16(),
+            401,
+            "{method} {path} with a wrong token"
+        );
+    }
+
+    // Bodies over the limits are refused from their declared length, before the upload.
+    for (path, content_type, length) in [
+        ("/bundles", "application/octet-stream", 9 << 20),
+        ("/profiles", "application/msgpack", 9 << 20),
+        ("/ingest/interactions", "application/x-ndjson", 2 << 20),
+        ("/channels/production/publish", "application/json", 2 << 20),
+    ] {
+        let (status, body) = declare_upload(&control.url, path, content_type, length);
+        assert_eq!(status, 413, "{path}: {body}");
+        assert_eq!(body["code"], "payload_too_large", "{path}: {body}");
+    }
+
+    // Not bundles: garbage and a truncated real one, the error naming what is wrong.
+    let post_bundle = |bytes: Vec<u8>| {
+        authed(
+            &http,
+            reqwest::Method::POST,
+            &url("/bundles"),
+            "application/octet-stream",
+            bytes,
+        )
+    };
+    assert_eq!(
+        code(post_bundle(b"not a bundle".to_vec())),
+        (400, "invalid_bundle".to_owned())
+    );
+    let mut truncated = std::fs::read(&fixture.bundle).unwrap();
+    truncated.truncate(truncated.len() - 1000);
+    let (status, body) = post_bundle(truncated);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("section"),
+        "{body}"
+    );
+    assert!(
+        !store.join("bundles").exists()
+            || std::fs::read_dir(store.join("bundles")).unwrap().count() == 0
+    );
+
+    // Publishing what was never registered, or a malformed id.
+    let unknown = "0".repeat(64);
+    assert_eq!(
+        code(authed_post(
+            &http,
+            &url("/channels/production/publish"),
+            &json!({"bundle": unknown})
+        )),
+        (404, "unknown_bundle".to_owned())
+    );
+    assert_eq!(
+        code(authed_post(
+            &http,
+            &url("/channels/production/publish"),
+            &json!({"bundle": "../../etc"})
+        )),
+        (400, "invalid_request".to_owned())
+    );
+    assert_eq!(
+        code(authed_post(
+            &http,
+            &url("/channels/production/publish"),
+            &json!({"bundel": unknown})
+        ))
+        .0,
+        422
+    );
+    assert_eq!(
+        code(authed_post(
+            &http,
+            &url("/channels/production/rollback"),
+            &json!({})
+        )),
+        (409, "nothing_to_roll_back".to_owned())
+    );
+
+    // Path traversal through channel names and store keys goes nowhere.
+    for path in [
+        "/channels/..%2F..%2Fescape/publish",
+        "/channels/Production/publish",
+        "/channels/a.json/publish",
+    ] {
+        let (status, body) = authed_post(&http, &url(path), &json!({"bundle": unknown}));
+        assert_eq!(status, 400, "{path}: {body}");
+    }
+    for path in [
+        "/store/manifests%2F..%2F..%2Fregistry.sqlite",
+        "/store/manifests/..%2F..%2Fregistry.sqlite",
+        "/store/bundles/..%2F..%2Fapi-token",
+        "/store/registry.sqlite",
+        "/store/manifests/production.json",
+    ] {
+        let (status, _, body) = plain_get(&http, &url(path));
+        assert_eq!(status, 404, "{path}: {}", String::from_utf8_lossy(&body));
+    }
+    let escaped: Vec<_> = std::fs::read_dir(state.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.contains("escape"))
+        .collect();
+    assert!(escaped.is_empty(), "{escaped:?}");
+
+    // Ingest: unknown encodings and malformed events are refused whole.
+    let (status, body) = authed(
+        &http,
+        reqwest::Method::POST,
+        &url("/ingest/interactions"),
+        "text/plain",
+        b"hello".to_vec(),
+    );
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (415, Some("unsupported_media_type"))
+    );
+    let good = json!({"event_id": "e1", "user_id": 1, "video_id": 2, "interaction_type": "watch", "timestamp": 3});
+    let (status, body) = authed(
+        &http,
+        reqwest::Method::POST,
+        &url("/ingest/interactions"),
+        "application/x-ndjson",
+        format!("{good}\n{{\"event_id\": \"e2\"}}\n").into_bytes(),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("event 2"),
+        "{body}"
+    );
+    let (_, listed) = authed_get(&http, &url("/ingest/interactions"));
+    assert_eq!(listed["total"], 0, "a refused batch stores nothing");
+
+    // Unknown routes and methods get the same error shape.
+    assert_eq!(
+        code(get(&http, &url("/nope"))),
+        (404, "not_found".to_owned())
+    );
+    let response = http.delete(url("/health")).send().unwrap();
+    assert_eq!(response.status().as_u16(), 405);
+}
+
+fn interaction_batch(batch: usize) -> (Vec<String>, Vec<u8>) {
+    let ids: Vec<String> = (0..50)
+        .map(|i| format!("interaction-{batch}-{i}"))
+        .collect();
+    let body = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            json!({
+                "event_id": id, "request_id": format!("request-{batch}"), "user_id": i,
+                "video_id": 1000 + i, "interaction_type": "click", "timestamp": 1_795_000_000 + i as i64,
+            })
+            .to_string()
+                + "\n"
+        })
+        .collect::<String>();
+    (ids, body.into_bytes())
+}
+
+fn inference_batch(batch: usize) -> (Vec<String>, Vec<u8>) {
+    let ids: Vec<String> = (0..50).map(|i| format!("request-{batch}-{i}")).collect();
+    let events: Vec<Value> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            json!({
+                "event_id": id, "request_id": id, "user_id": i, "served_at_ms": 1_795_000_000_000_i64,
+                "model_version": "v1", "experiment": null, "variant": null,
+                "items": [{"video_id": 1000 + i, "position": 1, "score": 0.5, "source": "personalized"}],
+            })
+        })
+        .collect();
+    (ids, rmp_serde::to_vec_named(&events).unwrap())
+}
+
+fn stored_ids(http: &Client, control: &Service, kind: &str) -> BTreeSet<String> {
+    let (status, listed) = authed_get(http, &format!("{}/ingest/{kind}?limit=10000", control.url));
+    assert_eq!(status, 200, "{listed}");
+    listed["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|stored| stored["event"]["event_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn acknowledged_ingest_survives_a_kill() {
+    let state = tempfile::tempdir().unwrap();
+    let store = state.path().join("store");
+    let store = store.to_str().unwrap();
+    let mut control = start_control_plane(state.path(), store, None, &[]);
+    let http = client();
+    let mut interactions = BTreeSet::new();
+    let mut inferences = BTreeSet::new();
+    let mut last_batch = Vec::new();
+    for batch in 0..20 {
+        let (ids, body) = inference_batch(batch);
+        let (status, answer) = authed(
+            &http,
+            reqwest::Method::POST,
+            &format!("{}/ingest/inferences", control.url),
+            "application/msgpack",
+            body,
+        );
+        assert_eq!((status, &answer["accepted"]), (200, &json!(50)), "{answer}");
+        inferences.extend(ids);
+        let (ids, body) = interaction_batch(batch);
+        let (status, answer) = authed(
+            &http,
+            reqwest::Method::POST,
+            &format!("{}/ingest/interactions", control.url),
+            "application/x-ndjson",
+            body.clone(),
+        );
+        assert_eq!((status, &answer["accepted"]), (200, &json!(50)), "{answer}");
+        interactions.extend(ids);
+        last_batch = body;
+    }
+    // SIGKILL right after the last acknowledgement: no shutdown code runs.
+    control.kill();
+
+    let control = start_control_plane(state.path(), store, None, &[]);
+    assert_eq!(stored_ids(&http, &control, "inferences"), inferences);
+    assert_eq!(stored_ids(&http, &control, "interactions"), interactions);
+    // A sender that never saw the acknowledgement retries: nothing is stored twice.
+    let (status, answer) = authed(
+        &http,
+        reqwest::Method::POST,
+        &format!("{}/ingest/interactions", control.url),
+        "application/x-ndjson",
+        last_batch,
+    );
+    assert_eq!(
+        (status, &answer["accepted"], &answer["duplicates"]),
+        (200, &json!(0), &json!(50))
+    );
+}
