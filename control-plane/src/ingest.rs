@@ -19,7 +19,7 @@ pub const MAX_BATCH_EVENTS: usize = 10_000;
 pub struct ServedItem {
     /// The video.
     pub video_id: u64,
-    /// 1-based position in the response.
+    /// Position in the response, from 0.
     pub position: u32,
     /// The ranker's score.
     pub score: f64,
@@ -34,8 +34,9 @@ pub struct InferenceEvent {
     pub event_id: String,
     /// The response's request id, which interactions refer to.
     pub request_id: String,
-    /// The viewer.
-    pub user_id: u64,
+    /// The viewer; `None` for an anonymous request.
+    #[serde(default)]
+    pub user_id: Option<u64>,
     /// Unix milliseconds when it was served.
     pub served_at_ms: i64,
     /// The model version that answered.
@@ -72,6 +73,9 @@ pub struct InteractionEvent {
     /// The viewer's device.
     #[serde(default)]
     pub device: Option<String>,
+    /// The video's position in that response, from 0.
+    #[serde(default)]
+    pub position: Option<u32>,
 }
 
 /// How a batch is encoded, from its `Content-Type`.
@@ -176,7 +180,7 @@ pub fn parse_batch(
                 }
                 EventKind::Interaction => {
                     let event: InteractionEvent = checked(value, index)?;
-                    (event.event_id, event.request_id, event.user_id)
+                    (event.event_id, event.request_id, Some(event.user_id))
                 }
             };
             check_id("event_id", &event_id, index)?;
@@ -214,7 +218,7 @@ mod tests {
             parse_batch(EventKind::Interaction, BatchEncoding::MessagePack, &msgpack).unwrap();
         assert_eq!(from_ndjson.len(), 2);
         assert_eq!(from_ndjson[0].event_id, "i1");
-        assert_eq!(from_ndjson[0].user_id, 3);
+        assert_eq!(from_ndjson[0].user_id, Some(3));
         let parsed = |events: &[NewEvent]| -> Vec<serde_json::Value> {
             events
                 .iter()

@@ -137,8 +137,8 @@ pub struct NewEvent {
     pub event_id: String,
     /// The response it belongs to, when known.
     pub request_id: Option<String>,
-    /// The viewer.
-    pub user_id: u64,
+    /// The viewer (`None` for an anonymous response).
+    pub user_id: Option<u64>,
     /// The event as JSON.
     pub body: String,
 }
@@ -192,7 +192,7 @@ CREATE TABLE IF NOT EXISTS events (
     kind TEXT NOT NULL,
     event_id TEXT NOT NULL,
     request_id TEXT,
-    user_id INTEGER NOT NULL,
+    user_id INTEGER,
     received_at_ms INTEGER NOT NULL,
     body TEXT NOT NULL,
     UNIQUE (kind, event_id)
@@ -473,7 +473,7 @@ impl Registry {
                     kind.as_str(),
                     event.event_id,
                     event.request_id,
-                    event.user_id as i64,
+                    event.user_id.map(|user| user as i64),
                     received_at_ms,
                     event.body,
                 ])?;
@@ -641,7 +641,7 @@ mod tests {
         let event = |id: &str| NewEvent {
             event_id: id.to_owned(),
             request_id: Some("r1".to_owned()),
-            user_id: 7,
+            user_id: Some(7),
             body: format!(r#"{{"event_id":"{id}"}}"#),
         };
         let batch = [event("e1"), event("e2")];

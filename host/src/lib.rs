@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod cache;
+pub mod capture;
 pub mod metrics;
 pub mod module;
 pub mod pool;

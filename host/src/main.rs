@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use host::cache::{Cache, RedisCache, ResponseCache};
+use host::capture::{Capture, CaptureSettings};
 use host::module::{EdgeModule, Limits};
 use host::pool::Pool;
 use host::profiles::Profiles;
@@ -85,6 +86,23 @@ struct Args {
     /// Redis port.
     #[arg(long, env = "REDIS_PORT", default_value_t = 6379)]
     redis_port: u16,
+    /// The control plane's base URL: every served response and interaction is captured
+    /// and shipped to its /ingest endpoints (off when not given).
+    #[arg(long, env = "EDGEREC_INGEST_URL")]
+    ingest_url: Option<String>,
+    /// The control plane's API token for ingest.
+    #[arg(long, env = "EDGEREC_API_TOKEN", hide_env_values = true)]
+    ingest_token: Option<String>,
+    /// Where captured events wait until the control plane takes them
+    /// [default: ARTIFACTS/spool].
+    #[arg(long, env = "EDGEREC_SPOOL")]
+    spool: Option<PathBuf>,
+    /// The spool's limit, MiB: past it the oldest events are dropped (and counted).
+    #[arg(long, default_value_t = 256)]
+    max_spool_mb: u64,
+    /// How long captured events wait in memory before they are written to the spool, ms.
+    #[arg(long, default_value_t = 1000)]
+    capture_interval_ms: u64,
 }
 
 fn default_artifacts() -> Option<PathBuf> {
@@ -160,7 +178,37 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         Cache::Local(Mutex::new(ResponseCache::new(ttl, args.cache_entries)))
     };
-    let host = Arc::new(Host::new(pool, profiles, cache, settings));
+    let mut host = Host::new(pool, profiles, cache, settings);
+    if let Some(ingest_url) = &args.ingest_url {
+        let spool = args
+            .spool
+            .clone()
+            .or_else(|| {
+                args.artifacts
+                    .clone()
+                    .or_else(default_artifacts)
+                    .map(|dir| dir.join("spool"))
+            })
+            .context("no spool folder: give --spool or ARTIFACTS_PATH")?;
+        let capture = Capture::open(
+            CaptureSettings {
+                spool: spool.clone(),
+                ingest_url: ingest_url.clone(),
+                token: args.ingest_token.clone(),
+                max_spool_bytes: args.max_spool_mb << 20,
+                seal_interval: Duration::from_millis(args.capture_interval_ms.max(10)),
+            },
+            host.request_prefix(),
+        )?;
+        tracing::info!(ingest = %ingest_url, spool = %spool.display(), "capturing responses and interactions");
+        host = host.with_capture(Arc::new(capture));
+    } else {
+        tracing::info!("data capture off (no --ingest-url)");
+    }
+    let host = Arc::new(host);
+    if let Some(capture) = &host.capture {
+        tokio::spawn(capture.clone().run(host.clone()));
+    }
 
     if let Some(path) = &args.bundle {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -190,9 +238,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     println!("edgerec host listening on http://{address}");
     std::io::stdout().flush()?;
-    axum::serve(listener, router(host))
+    axum::serve(listener, router(host.clone()))
         .with_graceful_shutdown(shutdown())
         .await?;
+    // What is still in memory goes to the spool; the next start ships it.
+    if let Some(capture) = &host.capture {
+        capture.flush(&host.metrics);
+    }
     Ok(())
 }
 

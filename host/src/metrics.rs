@@ -51,6 +51,10 @@ pub struct Metrics {
     pub traps: Counter,
     /// Interactions received by kind.
     pub interactions: Family<Labels, Counter>,
+    /// Captured events by stream and outcome (spooled, shipped, dropped, rejected).
+    pub capture_events: Family<Labels, Counter>,
+    /// Shipping attempts that failed (the control plane down or refusing).
+    pub capture_ship_failures: Counter,
     online_ctr: Family<Labels, FloatGauge>,
     online_watch_rate: Family<Labels, FloatGauge>,
     online_impressions: Family<Labels, Gauge>,
@@ -130,6 +134,18 @@ impl Metrics {
             "Interactions received, by kind",
             interactions.clone(),
         );
+        let capture_events = Family::<Labels, Counter>::default();
+        registry.register(
+            "capture_events",
+            "Captured events by stream (inferences, interactions) and outcome (spooled, shipped, dropped: spool over its limit, rejected: refused by the control plane)",
+            capture_events.clone(),
+        );
+        let capture_ship_failures = Counter::default();
+        registry.register(
+            "capture_ship_failures",
+            "Attempts to ship captured events that failed (retried with backoff)",
+            capture_ship_failures.clone(),
+        );
         let online_impressions = Family::<Labels, Gauge>::default();
         registry.register(
             "online_impressions",
@@ -166,6 +182,8 @@ impl Metrics {
             failed_swaps,
             traps,
             interactions,
+            capture_events,
+            capture_ship_failures,
             online_ctr,
             online_watch_rate,
             online_impressions,
@@ -185,6 +203,16 @@ impl Metrics {
         self.request_seconds
             .get_or_create(&vec![("route", route.to_owned())])
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts captured events.
+    pub fn capture(&self, stream: &str, outcome: &str, events: u64) {
+        self.capture_events
+            .get_or_create(&vec![
+                ("stream", stream.to_owned()),
+                ("outcome", outcome.to_owned()),
+            ])
+            .inc_by(events);
     }
 
     /// Records the module's stage times.

@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::cache::{Cache, CacheKey};
+use crate::capture::Capture;
 use crate::metrics::Metrics;
 use crate::module::CallError;
 use crate::pool::Pool;
@@ -51,6 +52,8 @@ pub struct Host {
     pub cache: Cache,
     /// Prometheus metrics.
     pub metrics: Metrics,
+    /// Captured responses and interactions for the control plane, when configured.
+    pub capture: Option<Arc<Capture>>,
     settings: Settings,
     started: Instant,
     request_prefix: String,
@@ -77,6 +80,7 @@ impl Host {
             profiles: RwLock::new(profiles),
             cache,
             metrics: Metrics::new(),
+            capture: None,
             settings,
             started: Instant::now(),
             // Unique across restarts: a request id joins interactions to the response
@@ -84,6 +88,17 @@ impl Host {
             request_prefix: format!("{:x}-{:x}", boot, std::process::id()),
             request_count: AtomicU64::new(0),
         }
+    }
+
+    /// Sends every served response and interaction to `capture`.
+    pub fn with_capture(mut self, capture: Arc<Capture>) -> Self {
+        self.capture = Some(capture);
+        self
+    }
+
+    /// What this process's request ids start with (unique across restarts).
+    pub fn request_prefix(&self) -> &str {
+        &self.request_prefix
     }
 
     /// A cache failure is a miss, logged and counted: the cache never fails a request.
@@ -223,6 +238,13 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     )
 }
 
+fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 fn now_seconds() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -277,11 +299,22 @@ async fn serve(host: &Host, request: &Value) -> Result<(Value, String), ApiError
         .as_array()
         .map_or(0, |items| items.len());
     host.metrics.impressions(items as u64);
-    let request_id = host.next_request_id();
-    if let Some(metadata) = response.get_mut("metadata").and_then(Value::as_object_mut) {
-        metadata.insert("request_id".into(), Value::String(request_id.clone()));
-    }
+    host.stamp_and_capture(request["user_id"].as_u64(), &mut response);
     Ok((response, served.generation.sha256.clone()))
+}
+
+impl Host {
+    /// Gives a response to be shown its own request id (which interactions will name) and
+    /// captures it.
+    fn stamp_and_capture(&self, user: Option<u64>, response: &mut Value) {
+        let request_id = self.next_request_id();
+        if let Some(metadata) = response.get_mut("metadata").and_then(Value::as_object_mut) {
+            metadata.insert("request_id".into(), Value::String(request_id));
+        }
+        if let Some(capture) = &self.capture {
+            capture.served(user, response, now_millis());
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -311,7 +344,14 @@ async fn get_recommendations(
         None
     });
     host.metrics.cache_lookup(cached.is_some());
-    if let Some(response) = cached {
+    if let Some(mut response) = cached {
+        // Shown again: a new impression with its own request id.
+        host.stamp_and_capture(Some(user), &mut response);
+        host.metrics.impressions(
+            response["recommendations"]
+                .as_array()
+                .map_or(0, |items| items.len() as u64),
+        );
         let mut response = Json(response).into_response();
         response
             .headers_mut()
@@ -476,6 +516,17 @@ async fn post_interactions(
         let mut profiles = host.profiles.write().expect("profiles lock");
         for interaction in &interactions {
             host.metrics.interaction(interaction.kind.name());
+            if let Some(capture) = &host.capture {
+                capture.interaction(
+                    interaction.user_id,
+                    interaction.video_id,
+                    interaction.kind.name(),
+                    interaction.timestamp.unwrap_or_else(now_seconds),
+                    interaction.watch_seconds,
+                    interaction.request_id.as_deref(),
+                    interaction.position,
+                );
+            }
             if interaction.kind != InteractionKind::Impression {
                 profiles.record_engagement(interaction.user_id, interaction.video_id);
                 engaged.push(interaction.user_id);

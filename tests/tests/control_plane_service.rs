@@ -40,12 +40,22 @@ fn aws_environment(command: &mut Command, endpoint: &str) {
 }
 
 fn start_control_plane(state: &Path, store: &str, s3: Option<&str>, extra: &[&str]) -> Service {
+    start_control_plane_on("127.0.0.1:0", state, store, s3, extra)
+}
+
+fn start_control_plane_on(
+    listen: &str,
+    state: &Path,
+    store: &str,
+    s3: Option<&str>,
+    extra: &[&str],
+) -> Service {
     let mut command = Command::new(binary("control-plane"));
     command
         .args([
             "serve",
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--log-level",
             "info",
             "--state",
@@ -641,4 +651,142 @@ fn acknowledged_ingest_survives_a_kill() {
         (status, &answer["accepted"], &answer["duplicates"]),
         (200, &json!(0), &json!(50))
     );
+}
+
+/// Polls until `kind` holds at least `count` events; returns them.
+fn wait_for_events(http: &Client, control: &Service, kind: &str, count: usize) -> Vec<Value> {
+    let started = Instant::now();
+    loop {
+        let (status, listed) =
+            authed_get(http, &format!("{}/ingest/{kind}?limit=10000", control.url));
+        assert_eq!(status, 200, "{listed}");
+        let events: Vec<Value> = listed["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|stored| stored["event"].clone())
+            .collect();
+        if events.len() >= count {
+            return events;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{} of {count} {kind} arrived",
+            events.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_host_ships_what_it_serves_and_keeps_it_through_an_outage() {
+    let fixture = synthetic_bundle();
+    let state = tempfile::tempdir().unwrap();
+    let store = state.path().join("store");
+    let store = store.to_str().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut control = start_control_plane_on(&listen, state.path(), store, None, &[]);
+    let publish = Command::new(binary("control-plane"))
+        .arg("publish")
+        .arg("--bundle")
+        .arg(&fixture.bundle)
+        .args(["--store", store, "--state"])
+        .arg(state.path())
+        .arg("--profiles-from")
+        .arg(fixture.data())
+        .output()
+        .unwrap();
+    stdout_of(&publish);
+    let spool = tempfile::tempdir().unwrap();
+    let manifest = format!("{}/store/manifests/production.json", control.url);
+    let host = HostProcess::host(&[
+        "--manifest",
+        &manifest,
+        "--ingest-url",
+        &control.url,
+        "--ingest-token",
+        TOKEN,
+        "--spool",
+        spool.path().to_str().unwrap(),
+        "--capture-interval-ms",
+        "200",
+    ]);
+    let http = client();
+
+    // Responses and an interaction without a request id, which the host joins.
+    let mut answers = Vec::new();
+    for user in 1..=5 {
+        let (status, answer) = get(&http, &format!("{}/recommendations/{user}?n=6", host.url));
+        assert_eq!(status, 200, "{answer}\n{}", host.log_text());
+        answers.push(answer);
+    }
+    let clicked = answers[0]["recommendations"][2]["video_id"]
+        .as_u64()
+        .unwrap();
+    let (status, _) = post(
+        &http,
+        &format!("{}/interactions", host.url),
+        json!({"user_id": 1, "video_id": clicked, "type": "click"}).to_string(),
+    );
+    assert_eq!(status, 202);
+    let inferences = wait_for_events(&http, &control, "inferences", 5);
+    for (event, answer) in inferences.iter().zip(&answers) {
+        assert_eq!(event["request_id"], answer["metadata"]["request_id"]);
+        assert_eq!(event["model_version"], "fixture-1");
+        let shown: Vec<&Value> = answer["recommendations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| &item["video_id"])
+            .collect();
+        let logged: Vec<&Value> = event["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| &item["video_id"])
+            .collect();
+        assert_eq!(shown, logged);
+    }
+    let interactions = wait_for_events(&http, &control, "interactions", 1);
+    assert_eq!(
+        (&interactions[0]["request_id"], &interactions[0]["position"]),
+        (&answers[0]["metadata"]["request_id"], &json!(2)),
+        "joined to the response that showed the video"
+    );
+
+    // The control plane goes down; the host keeps serving and spools.
+    control.kill();
+    for user in 6..=15 {
+        let (status, _) = get(&http, &format!("{}/recommendations/{user}?n=6", host.url));
+        assert_eq!(status, 200);
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    let spooled = std::fs::read_dir(spool.path().join("inferences"))
+        .unwrap()
+        .count();
+    assert!(
+        spooled > 0,
+        "nothing spooled while the control plane was down"
+    );
+    let control = start_control_plane_on(&listen, state.path(), store, None, &[]);
+    let inferences = wait_for_events(&http, &control, "inferences", 15);
+    let ids: BTreeSet<&str> = inferences
+        .iter()
+        .map(|event| event["request_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 15, "every response once");
+    let (_, _, metrics) = plain_get(&http, &format!("{}/metrics", host.url));
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert!(
+        metrics.contains(
+            r#"edgerec_host_capture_events_total{stream="inferences",outcome="shipped"} 15"#
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("edgerec_host_capture_ship_failures_total"));
 }

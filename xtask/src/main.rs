@@ -587,6 +587,7 @@ fn demo() -> Result<()> {
         .find(|path| path.extension().is_some_and(|e| e == "bundle"))
         .context("bundle build wrote no bundle")?;
     let store = out.join("store");
+    let state = out.join("control-plane");
     println!("== publishing to the local store {}", store.display());
     step(&[
         &"publish",
@@ -594,6 +595,8 @@ fn demo() -> Result<()> {
         &bundle,
         &"--store",
         &store,
+        &"--state",
+        &state,
         &"--profiles-from",
         &synthetic,
     ])?;
@@ -605,15 +608,48 @@ fn demo() -> Result<()> {
     run(cargo().args(["build", "--profile", "bench", "--package", "host"]))?;
     let host = target_dir().join("release").join("host");
     let listen = std::env::var("EDGEREC_HOST_LISTEN").unwrap_or_else(|_| "127.0.0.1:8080".into());
-    let manifest = store.join("manifests").join("production.json");
-    println!(
-        "\ndemo data in {}\nserving the published bundle with the edge module in wasmtime; Ctrl-C stops it.\n  API:     http://{listen}/recommendations/7?n=10  (also POST /recommendations, POST /interactions, /health, /metrics, /cached/7)\n  browser: not built yet (issue 8)\n  control plane REST API: not built yet (issue 6; `control-plane` is its CLI)\n",
-        out.display()
+    let control_listen =
+        std::env::var("EDGEREC_CONTROL_LISTEN").unwrap_or_else(|_| "127.0.0.1:8090".into());
+    let control_plane = Background(
+        Command::new(target_dir().join("release").join("control-plane"))
+            .args(["serve", "--listen", &control_listen, "--store"])
+            .arg(&store)
+            .arg("--state")
+            .arg(&state)
+            .spawn()
+            .context("starting the control plane")?,
     );
-    run(Command::new(host)
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(&control_listen).is_err() {
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            bail!("the control plane did not listen on {control_listen} within 30 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // The host follows the channel through the control plane's public store reads, as it
+    // would through a CDN in front of S3.
+    let manifest = format!("http://{control_listen}/store/manifests/production.json");
+    println!(
+        "\ndemo data in {}\nserving the published bundle with the edge module in wasmtime; Ctrl-C stops it.\n  API:           http://{listen}/recommendations/7?n=10  (also POST /recommendations, POST /interactions, /health, /metrics, /cached/7)\n  control plane: http://{control_listen}/health  (REST: /bundles, /channels/production, /channels/production/publish|rollback, /ingest/...; bearer token in {})\n  browser:       not built yet (issue 8)\n",
+        out.display(),
+        state.join("api-token").display()
+    );
+    let served = run(Command::new(host)
         .arg("--module")
         .arg(&edge_wasm)
         .arg("--manifest")
         .arg(&manifest)
-        .args(["--listen", &listen]))
+        .args(["--listen", &listen]));
+    drop(control_plane);
+    served
+}
+
+/// A child process killed when dropped.
+struct Background(std::process::Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
