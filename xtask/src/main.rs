@@ -634,12 +634,20 @@ fn demo() -> Result<()> {
         out.display(),
         state.join("api-token").display()
     );
+    let token_file = state.join("api-token");
+    let token = std::fs::read_to_string(&token_file)
+        .with_context(|| format!("reading the control plane's token {}", token_file.display()))?;
+    // What the host serves and what viewers do goes back to the control plane's ingest.
     let served = run(Command::new(host)
         .arg("--module")
         .arg(&edge_wasm)
         .arg("--manifest")
         .arg(&manifest)
-        .args(["--listen", &listen]));
+        .args(["--listen", &listen])
+        .args(["--ingest-url", &format!("http://{control_listen}")])
+        .arg("--spool")
+        .arg(out.join("host-spool"))
+        .env("EDGEREC_API_TOKEN", token.trim()));
     drop(control_plane);
     served
 }
