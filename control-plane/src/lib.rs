@@ -19,6 +19,7 @@ pub mod movielens;
 pub mod object_store;
 pub mod onnx_export;
 pub mod parquet_io;
+pub mod pipeline;
 pub mod progress;
 pub mod publish;
 pub mod ranker_bench;

@@ -55,8 +55,11 @@ enum Command {
     /// --state, also registered as `serve` shows it.
     Publish(PublishArgs),
     /// Run the REST API: registry, channels (publish, rollback), public store reads,
-    /// ingest of hosts' inferences and interactions.
+    /// ingest of hosts' inferences and interactions, pipeline runs.
     Serve(ServeArgs),
+    /// The whole ML pipeline as one resumable, registered run.
+    #[command(subcommand)]
+    Pipeline(PipelineCommand),
     /// Show the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -66,9 +69,10 @@ enum Command {
 #[derive(Args)]
 struct StoreArgs {
     /// The store: a folder, file:///folder or s3://bucket/prefix (credentials, region and
-    /// endpoint from the standard AWS environment and config files).
+    /// endpoint from the standard AWS environment and config files) [default for `serve`
+    /// and `pipeline run`: STATE/store].
     #[arg(long, env = "EDGEREC_STORE")]
-    store: String,
+    store: Option<String>,
     /// S3 endpoint URL, for S3-compatible servers [default: AWS_ENDPOINT_URL or AWS].
     #[arg(long, env = "EDGEREC_S3_ENDPOINT")]
     s3_endpoint: Option<String>,
@@ -79,12 +83,52 @@ struct StoreArgs {
 }
 
 impl StoreArgs {
+    /// The store, or `STATE/store` when none is given.
+    fn location_or_state(&self, state: &Path) -> String {
+        self.store
+            .clone()
+            .unwrap_or_else(|| state.join("store").display().to_string())
+    }
+
     fn s3(&self) -> control_plane::object_store::S3Options {
         control_plane::object_store::S3Options {
             endpoint: self.s3_endpoint.clone(),
             path_style: self.s3_path_style,
         }
     }
+}
+
+#[derive(Subcommand)]
+enum PipelineCommand {
+    /// preprocess -> features -> two_tower -> embeddings -> shard -> ranker -> evaluation
+    /// -> registration -> publish (with --publish), each stage recorded in the registry;
+    /// the run's files go to STATE/runs/<id>/.
+    Run(PipelineRunArgs),
+}
+
+#[derive(Args)]
+struct PipelineRunArgs {
+    /// Data set folder (required unless --resume).
+    #[arg(long, required_unless_present = "resume")]
+    data: Option<PathBuf>,
+    /// Config file [default: the defaults].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Registry folder (what `serve --state` reads).
+    #[arg(long, env = "EDGEREC_STATE", default_value = ".edgerec/control-plane")]
+    state: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Publish the bundle to this channel when every other stage succeeded.
+    #[arg(long)]
+    publish: Option<String>,
+    /// Folder of the title sentence encoder for the two-tower model.
+    #[arg(long)]
+    title_model: Option<PathBuf>,
+    /// Resume the run with this id (or start a queued one): stages already done are
+    /// skipped.
+    #[arg(long, conflicts_with_all = ["data", "config", "publish", "title_model"])]
+    resume: Option<String>,
 }
 
 #[derive(Args)]
@@ -170,6 +214,10 @@ struct BundleBuildArgs {
     /// sections].
     #[arg(long)]
     model_version: Option<String>,
+    /// Extra lineage entries (KEY=VALUE, repeatable): the run, the data version, the
+    /// parent run.
+    #[arg(long, value_parser = parse_lineage)]
+    lineage: Vec<(String, String)>,
     /// Output folder [default: SPLIT/bundles].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -599,6 +647,13 @@ fn print_ranking(comparison: &Comparison) {
                 100.0 * (ours / theirs - 1.0)
             );
         }
+    }
+}
+
+fn parse_lineage(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("{text:?}: use KEY=VALUE")),
     }
 }
 
@@ -1073,10 +1128,15 @@ fn run(cli: Cli) -> Result<()> {
                         .with_context(|| format!("opening the registry {}", path.display()))
                 })
                 .transpose()?;
+            let store_location = args
+                .store
+                .store
+                .clone()
+                .context("publish needs --store (a folder or s3://bucket/prefix)")?;
             let runtime = tokio::runtime::Runtime::new()?;
             let (manifest, key) = runtime.block_on(async {
                 let store = control_plane::object_store::ObjectStore::open(
-                    &args.store.store,
+                    &store_location,
                     &args.store.s3(),
                 )
                 .await?;
@@ -1097,7 +1157,7 @@ fn run(cli: Cli) -> Result<()> {
                 manifest.model_version,
                 manifest.bundle.size,
                 manifest.channel,
-                args.store.store.trim_end_matches('/'),
+                store_location.trim_end_matches('/'),
             );
         }
         Command::Bundle(BundleCommand::Build(args)) => {
@@ -1112,7 +1172,7 @@ fn run(cli: Cli) -> Result<()> {
                     .map(|bytes| edge::bundle::sha256_hex(&bytes))
                     .unwrap_or_else(|_| "unknown".to_owned())
             };
-            let lineage = vec![
+            let mut lineage = vec![
                 (
                     "code_version".to_owned(),
                     env!("CARGO_PKG_VERSION").to_owned(),
@@ -1135,6 +1195,7 @@ fn run(cli: Cli) -> Result<()> {
                     edge::bundle::sha256_hex(config.to_toml().as_bytes()),
                 ),
             ];
+            lineage.extend(args.lineage.iter().cloned());
             let created_at = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
@@ -1178,14 +1239,76 @@ fn run(cli: Cli) -> Result<()> {
             let s3 = args.store.s3();
             let options = control_plane::serve::ServeOptions {
                 listen: args.listen,
+                store: args.store.location_or_state(&args.state),
                 state: args.state,
-                store: args.store.store,
                 s3,
                 token: args.token,
                 max_artifact_bytes: args.max_artifact_mb << 20,
                 max_body_bytes: args.max_body_mb << 20,
             };
             tokio::runtime::Runtime::new()?.block_on(control_plane::serve::serve(options))?;
+        }
+        Command::Pipeline(PipelineCommand::Run(args)) => {
+            use control_plane::pipeline::{self, PipelineContext, RunRecord, RunStatus};
+            let database = args.state.join("registry.sqlite");
+            let registry = control_plane::registry::Registry::open(&database)
+                .with_context(|| format!("opening the registry {}", database.display()))?;
+            let context = PipelineContext {
+                exe: std::env::current_exe().context("finding this program")?,
+                store: args.store.location_or_state(&args.state),
+                s3: args.store.s3(),
+                state: args.state.clone(),
+                echo: true,
+            };
+            let record = match &args.resume {
+                Some(id) => {
+                    let record = registry
+                        .run(id)?
+                        .with_context(|| format!("no run {id} in {}", database.display()))?;
+                    anyhow::ensure!(
+                        record.status != RunStatus::Succeeded,
+                        "run {id} succeeded already"
+                    );
+                    record
+                }
+                None => {
+                    let data = args.data.clone().expect("clap requires --data");
+                    control_plane::data::read_manifest(&data)?;
+                    if let Some(channel) = &args.publish {
+                        control_plane::publish::check_channel(channel)?;
+                    }
+                    pipeline::check_idle(&registry)?;
+                    let config = load_config(args.config.as_deref())?;
+                    RunRecord::new(
+                        pipeline::new_run_id(),
+                        &data,
+                        &config,
+                        args.title_model.as_deref(),
+                        args.publish.clone(),
+                    )
+                }
+            };
+            println!(
+                "run {} on {} -> {}",
+                record.id,
+                record.data,
+                context.run_dir(&record.id).display()
+            );
+            let record = pipeline::run(&context, &registry, record)?;
+            println!(
+                "run {} {} in {:.1} s{}",
+                record.id,
+                record.status.as_str(),
+                record.seconds,
+                record
+                    .bundle
+                    .as_ref()
+                    .map(|sha| format!("; bundle {sha}"))
+                    .unwrap_or_default()
+            );
+            if let Some(error) = record.error {
+                anyhow::bail!("{error}");
+            }
         }
         Command::Config(ConfigCommand::Show { file }) => {
             print!("{}", load_config(file.as_deref())?.to_toml());

@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
+use crate::pipeline::{DataVersion, RunRecord};
 use crate::publish::{Artifact, Manifest};
 
 /// A registry failure.
@@ -198,6 +199,17 @@ CREATE TABLE IF NOT EXISTS events (
     UNIQUE (kind, event_id)
 );
 CREATE INDEX IF NOT EXISTS events_by_request ON events(request_id);
+CREATE TABLE IF NOT EXISTS data_versions (
+    sha256 TEXT PRIMARY KEY,
+    registered_at INTEGER NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    record TEXT NOT NULL
+);
 ";
 
 impl Registry {
@@ -517,6 +529,71 @@ impl Registry {
             [kind.as_str()],
             |row| row.get::<_, i64>(0),
         )? as u64)
+    }
+}
+
+impl Registry {
+    /// Records a data version (kept as first seen when it is known already).
+    pub fn add_data_version(&self, version: &DataVersion) -> Result<bool> {
+        let inserted = self.lock().execute(
+            "INSERT OR IGNORE INTO data_versions (sha256, registered_at, record) VALUES (?1, ?2, ?3)",
+            params![version.sha256, version.registered_at, serde_json::to_string(version)?],
+        )?;
+        Ok(inserted == 1)
+    }
+
+    /// Every data version, newest first.
+    pub fn data_versions(&self) -> Result<Vec<DataVersion>> {
+        self.json_rows(
+            "SELECT record FROM data_versions ORDER BY registered_at DESC, sha256",
+            [],
+        )
+    }
+
+    /// Creates or replaces a run's record.
+    pub fn save_run(&self, run: &RunRecord) -> Result<()> {
+        self.lock().execute(
+            "INSERT INTO runs (id, status, created_at, record) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(id) DO UPDATE SET status = excluded.status, record = excluded.record",
+            params![
+                run.id,
+                run.status.as_str(),
+                run.created_at,
+                serde_json::to_string(run)?
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// A run.
+    pub fn run(&self, id: &str) -> Result<Option<RunRecord>> {
+        Ok(self
+            .json_rows("SELECT record FROM runs WHERE id = ?1", [id])?
+            .pop())
+    }
+
+    /// Every run, newest first.
+    pub fn runs(&self) -> Result<Vec<RunRecord>> {
+        self.json_rows(
+            "SELECT record FROM runs ORDER BY created_at DESC, id DESC",
+            [],
+        )
+    }
+
+    fn json_rows<T: serde::de::DeserializeOwned>(
+        &self,
+        sql: &str,
+        parameters: impl rusqlite::Params,
+    ) -> Result<Vec<T>> {
+        let connection = self.lock();
+        let mut statement = connection.prepare(sql)?;
+        let texts = statement
+            .query_map(parameters, |row| row.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        texts
+            .iter()
+            .map(|text| Ok(serde_json::from_str(text)?))
+            .collect()
     }
 }
 

@@ -80,9 +80,17 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         }
     };
     let store_name = store.describe();
+    let pipeline = crate::pipeline::PipelineContext {
+        exe: std::env::current_exe().context("finding this program")?,
+        state: options.state.clone(),
+        store: options.store.clone(),
+        s3: options.s3.clone(),
+        echo: true,
+    };
     let control_plane = Arc::new(ControlPlane::new(
         registry,
         store,
+        pipeline,
         Settings {
             token,
             max_artifact_bytes: options.max_artifact_bytes,

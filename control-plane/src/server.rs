@@ -24,6 +24,7 @@ use subtle::ConstantTimeEq;
 
 use crate::ingest::{BatchEncoding, parse_batch};
 use crate::object_store::{CachePolicy, ObjectStore, content_type};
+use crate::pipeline::{PipelineContext, RunRecord, RunStatus};
 use crate::publish::{
     Artifact, MANIFEST_FORMAT, Manifest, PublishError, check_channel, count_profiles, manifest_key,
     put_artifact, write_manifest,
@@ -47,6 +48,7 @@ pub struct Settings {
 pub struct ControlPlane {
     registry: Arc<Registry>,
     store: ObjectStore,
+    pipeline: PipelineContext,
     token_digest: [u8; 32],
     settings: Settings,
     // Publishes and rollbacks of all channels one at a time, so the registry's order of
@@ -56,10 +58,16 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     /// The state for a registry and a store.
-    pub fn new(registry: Registry, store: ObjectStore, settings: Settings) -> Self {
+    pub fn new(
+        registry: Registry,
+        store: ObjectStore,
+        pipeline: PipelineContext,
+        settings: Settings,
+    ) -> Self {
         Self {
             registry: Arc::new(registry),
             store,
+            pipeline,
             token_digest: Sha256::digest(settings.token.as_bytes()).into(),
             settings,
             channel_writes: tokio::sync::Mutex::new(()),
@@ -215,6 +223,10 @@ pub fn router(control_plane: Arc<ControlPlane>) -> Router {
         .route("/channels/{name}", get(show_channel))
         .route("/channels/{name}/publish", post(publish_channel))
         .route("/channels/{name}/rollback", post(rollback_channel))
+        .route("/runs", get(list_runs).post(start_run))
+        .route("/runs/{id}", get(show_run))
+        .route("/runs/{id}/log", get(run_log))
+        .route("/data-versions", get(list_data_versions))
         .route(
             "/ingest/inferences",
             post(ingest_inferences).get(list_inferences),
@@ -730,6 +742,180 @@ async fn list_interactions(
     page: Result<Query<Page>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     list_events(&control_plane, EventKind::Interaction, page).await
+}
+
+/// `POST /runs`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    /// The data set folder on the control plane's machine.
+    pub data: String,
+    /// The configuration as TOML text [default: the defaults].
+    #[serde(default)]
+    pub config: Option<String>,
+    /// Publish to this channel when every other stage succeeded.
+    #[serde(default)]
+    pub publish: Option<String>,
+    /// The title model folder for the two-tower model.
+    #[serde(default)]
+    pub title_model: Option<String>,
+}
+
+async fn start_run(
+    State(control_plane): State<Arc<ControlPlane>>,
+    request: Result<Json<RunRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<RunRecord>), ApiError> {
+    let Json(request) = request?;
+    let data = std::path::PathBuf::from(&request.data);
+    crate::data::read_manifest(&data).map_err(|e| {
+        ApiError::bad_request(format!(
+            "data {:?} is not a data set folder: {e}",
+            request.data
+        ))
+    })?;
+    let config = match &request.config {
+        Some(text) => crate::config::Config::parse(text)
+            .map_err(|e| ApiError::bad_request(format!("config: {e}")))?,
+        None => crate::config::Config::default(),
+    };
+    if let Some(channel) = &request.publish {
+        check_channel(channel).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
+    let title_model = request.title_model.as_ref().map(std::path::PathBuf::from);
+    if let Some(folder) = &title_model
+        && !folder.is_dir()
+    {
+        return Err(ApiError::bad_request(format!(
+            "title_model {} is not a folder",
+            folder.display()
+        )));
+    }
+    let record = RunRecord::new(
+        crate::pipeline::new_run_id(),
+        &data,
+        &config,
+        title_model.as_deref(),
+        request.publish.clone(),
+    );
+    let queued = record.clone();
+    // One start at a time, so two requests cannot both find the pipeline idle.
+    let _one_at_a_time = control_plane.channel_writes.lock().await;
+    control_plane
+        .registry(move |r| {
+            if let Err(e) = crate::pipeline::check_idle(r) {
+                return Ok(Err(e.to_string()));
+            }
+            r.save_run(&queued).map(Ok)
+        })
+        .await?
+        .map_err(|busy| ApiError::new(StatusCode::CONFLICT, "run_in_progress", busy))?;
+    spawn_run(&control_plane, &record.id)?;
+    Ok((StatusCode::ACCEPTED, Json(record)))
+}
+
+/// Starts `control-plane pipeline run --resume ID` for a queued run, with its output in
+/// the run's `pipeline.log`, and marks the run failed if the process dies without
+/// saying so itself (killed, out of memory).
+fn spawn_run(control_plane: &Arc<ControlPlane>, id: &str) -> Result<(), ApiError> {
+    let context = &control_plane.pipeline;
+    let folder = context.run_dir(id);
+    std::fs::create_dir_all(&folder)
+        .map_err(|e| ApiError::internal(format!("creating {}: {e}", folder.display())))?;
+    let log = std::fs::File::create(folder.join("pipeline.log"))
+        .map_err(|e| ApiError::internal(format!("creating the run's log: {e}")))?;
+    let log_err = log
+        .try_clone()
+        .map_err(|e| ApiError::internal(format!("the run's log: {e}")))?;
+    let mut command = std::process::Command::new(&context.exe);
+    command
+        .args(["pipeline", "run", "--resume", id, "--state"])
+        .arg(&context.state)
+        .args(["--store", &context.store])
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
+    if let Some(endpoint) = &context.s3.endpoint {
+        command.args(["--s3-endpoint", endpoint]);
+    }
+    if context.s3.path_style {
+        command.arg("--s3-path-style");
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| ApiError::internal(format!("starting the pipeline: {e}")))?;
+    tracing::info!(run = id, pid = child.id(), "pipeline run started");
+    let registry = control_plane.registry.clone();
+    let id = id.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let status = child.wait();
+        let Ok(Some(mut record)) = registry.run(&id) else {
+            return;
+        };
+        if matches!(record.status, RunStatus::Queued | RunStatus::Running) {
+            record.status = RunStatus::Failed;
+            record.error = Some(format!(
+                "the pipeline process ended without finishing the run ({})",
+                status.map_or_else(|e| e.to_string(), |s| s.to_string())
+            ));
+            if let Err(e) = registry.save_run(&record) {
+                tracing::error!(run = %id, "could not record the run's end: {e}");
+            }
+        }
+        tracing::info!(run = %id, status = record.status.as_str(), "pipeline run ended");
+    });
+    Ok(())
+}
+
+async fn list_runs(
+    State(control_plane): State<Arc<ControlPlane>>,
+) -> Result<Json<Vec<RunRecord>>, ApiError> {
+    Ok(Json(control_plane.registry(|r| r.runs()).await?))
+}
+
+fn run_id(id: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    let Path(id) = id?;
+    if crate::pipeline::is_run_id(&id) {
+        Ok(id)
+    } else {
+        Err(ApiError::bad_request(format!("{id:?} is not a run id")))
+    }
+}
+
+async fn show_run(
+    State(control_plane): State<Arc<ControlPlane>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<RunRecord>, ApiError> {
+    let id = run_id(id)?;
+    let wanted = id.clone();
+    control_plane
+        .registry(move |r| r.run(&wanted))
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("unknown_run", format!("no run {id}")))
+}
+
+/// The last 64 KiB of a run's output.
+async fn run_log(
+    State(control_plane): State<Arc<ControlPlane>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = run_id(id)?;
+    let path = control_plane.pipeline.run_dir(&id).join("pipeline.log");
+    let bytes = tokio::fs::read(&path)
+        .await
+        .map_err(|_| ApiError::not_found("unknown_run", format!("no log for run {id}")))?;
+    let start = bytes.len().saturating_sub(64 << 10);
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        String::from_utf8_lossy(&bytes[start..]).into_owned(),
+    )
+        .into_response())
+}
+
+async fn list_data_versions(
+    State(control_plane): State<Arc<ControlPlane>>,
+) -> Result<Json<Vec<crate::pipeline::DataVersion>>, ApiError> {
+    Ok(Json(control_plane.registry(|r| r.data_versions()).await?))
 }
 
 /// The key a channel's manifest is served at, for printing.

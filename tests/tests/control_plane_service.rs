@@ -790,3 +790,210 @@ fn a_host_ships_what_it_serves_and_keeps_it_through_an_outage() {
     );
     assert!(metrics.contains("edgerec_host_capture_ship_failures_total"));
 }
+
+/// Polls a run until it is no longer queued or running.
+fn wait_for_run(http: &Client, control: &Service, id: &str, limit: Duration) -> Value {
+    let started = Instant::now();
+    loop {
+        let (status, run) = authed_get(http, &format!("{}/runs/{id}", control.url));
+        assert_eq!(status, 200, "{run}");
+        if run["status"] != "queued" && run["status"] != "running" {
+            return run;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "run {id} still {} after {limit:?}: {run}",
+            run["status"]
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn the_pipeline_runs_on_movielens_and_publishes_to_s3() {
+    let fixture = synthetic_bundle();
+    let s3_root = tempfile::tempdir().unwrap();
+    let s3 = start_s3(s3_root.path());
+    let state = tempfile::tempdir().unwrap();
+    let store_url = format!("{}/edgerec/runs", s3.url);
+    let control = start_control_plane(state.path(), "s3://edgerec/runs", Some(&s3.url), &[]);
+    let http = client();
+    let runs = format!("{}/runs", control.url);
+
+    // Requests that cannot start a run.
+    let work = tempfile::tempdir().unwrap();
+    let code =
+        |(status, body): (u16, Value)| (status, body["code"].as_str().unwrap_or("").to_owned());
+    assert_eq!(
+        code(authed_post(&http, &runs, &json!({"data": "/nonexistent"}))),
+        (400, "invalid_request".to_owned())
+    );
+    assert_eq!(
+        code(authed_post(
+            &http,
+            &runs,
+            &json!({"data": fixture.data(), "config": "[two_tower]\nepochs = -1\n"})
+        )),
+        (400, "invalid_request".to_owned())
+    );
+    assert_eq!(
+        code(authed_post(
+            &http,
+            &runs,
+            &json!({"data": fixture.data(), "publish": "../prod"})
+        )),
+        (400, "invalid_request".to_owned())
+    );
+
+    // A data set that breaks in the first stage: the run fails, says why, publishes nothing.
+    let broken = work.path().join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    for entry in std::fs::read_dir(fixture.data()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, broken.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let interactions = broken.join("interactions.parquet");
+    let bytes = std::fs::read(&interactions).unwrap();
+    std::fs::write(&interactions, &bytes[..bytes.len() / 2]).unwrap();
+    let (status, queued) = authed_post(
+        &http,
+        &runs,
+        &json!({"data": broken, "publish": "production"}),
+    );
+    assert_eq!(status, 202, "{queued}");
+    let failed = wait_for_run(
+        &http,
+        &control,
+        queued["id"].as_str().unwrap(),
+        Duration::from_secs(120),
+    );
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["stages"][0]["status"], "failed");
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("stage preprocess:") && error.contains("interactions.parquet"),
+        "{error}"
+    );
+    assert_eq!(
+        authed_get(&http, &format!("{}/channels/production", control.url)).0,
+        404,
+        "a failed run publishes nothing"
+    );
+
+    // MovieLens-100k through every stage, published to production in S3.
+    let source = std::env::var_os("EDGEREC_ML100K")
+        .expect("EDGEREC_ML100K is not set: run `cargo xtask test`");
+    let movielens = work.path().join("ml-100k");
+    stdout_of(
+        &Command::new(binary("control-plane"))
+            .args(["import", "movielens"])
+            .arg(&source)
+            .arg("--out")
+            .arg(&movielens)
+            .output()
+            .unwrap(),
+    );
+    let config = "[two_tower]\nepochs = 2\n\n[ranker]\niterations = 100\n";
+    let started = Instant::now();
+    let (status, queued) = authed_post(
+        &http,
+        &runs,
+        &json!({"data": movielens, "config": config, "publish": "production"}),
+    );
+    assert_eq!(status, 202, "{queued}");
+    let id = queued["id"].as_str().unwrap().to_owned();
+    let (status, busy) = authed_post(&http, &runs, &json!({"data": movielens}));
+    assert_eq!((status, &busy["code"]), (409, &json!("run_in_progress")));
+    let run = wait_for_run(&http, &control, &id, Duration::from_secs(1800));
+    let wall = started.elapsed();
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let stages: Vec<(&str, &str)> = run["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap(), s["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            ("preprocess", "done"),
+            ("features", "done"),
+            ("two_tower", "done"),
+            ("embeddings", "done"),
+            ("shard", "done"),
+            ("ranker", "done"),
+            ("evaluation", "done"),
+            ("registration", "done"),
+            ("publish", "done"),
+        ]
+    );
+    eprintln!(
+        "pipeline on MovieLens-100k (epochs 2, 100 trees): {:.0} s wall; stages {}",
+        wall.as_secs_f64(),
+        run["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| format!(
+                "{} {:.1}s",
+                s["name"].as_str().unwrap(),
+                s["seconds"].as_f64().unwrap_or(0.0)
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    assert!(run["metrics"]["retrieval"].is_object(), "{run}");
+    assert!(run["metrics"]["ranking"].is_object(), "{run}");
+    let bundle_sha = run["bundle"].as_str().unwrap().to_owned();
+    let manifest = fetch_published(&http, &store_url);
+    assert_eq!(manifest["bundle"]["sha256"], json!(bundle_sha));
+    assert_eq!(manifest["model_version"], json!(id));
+    assert!(manifest["profiles"]["sha256"].is_string());
+    let (_, bundle) = authed_get(&http, &format!("{}/bundles/{bundle_sha}", control.url));
+    assert_eq!(bundle["lineage"]["run"], json!(id));
+    let (_, versions) = authed_get(&http, &format!("{}/data-versions", control.url));
+    assert_eq!(bundle["lineage"]["data_version"], versions[0]["sha256"]);
+    assert_eq!(versions[0]["interactions"], 100_000);
+    let (status, log) = {
+        let response = http
+            .get(format!("{}/runs/{id}/log", control.url))
+            .bearer_auth(TOKEN)
+            .send()
+            .unwrap();
+        (response.status().as_u16(), response.text().unwrap())
+    };
+    assert_eq!(status, 200);
+    assert!(log.contains("== 9/9 publish"), "{log}");
+
+    // A second publish, then a rollback: back to the pipeline's bundle.
+    let (status, record) = authed(
+        &http,
+        reqwest::Method::POST,
+        &format!("{}/bundles", control.url),
+        "application/octet-stream",
+        std::fs::read(&fixture.bundle).unwrap(),
+    );
+    assert_eq!(status, 201, "{record}");
+    let (status, _) = authed_post(
+        &http,
+        &format!("{}/channels/production/publish", control.url),
+        &json!({"bundle": record["sha256"]}),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(
+        fetch_published(&http, &store_url)["bundle"]["sha256"],
+        record["sha256"]
+    );
+    let (status, _) = authed_post(
+        &http,
+        &format!("{}/channels/production/rollback", control.url),
+        &json!({}),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(
+        fetch_published(&http, &store_url)["bundle"]["sha256"],
+        json!(bundle_sha)
+    );
+}
