@@ -13,6 +13,7 @@ pub mod csv_import;
 pub mod data;
 mod error;
 pub mod eval;
+pub mod experiments;
 pub mod ingest;
 pub mod latency;
 pub mod movielens;

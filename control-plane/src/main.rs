@@ -60,6 +60,9 @@ enum Command {
     /// The whole ML pipeline as one resumable, registered run.
     #[command(subcommand)]
     Pipeline(PipelineCommand),
+    /// A/B readouts from the ingested outcomes.
+    #[command(subcommand)]
+    Experiments(ExperimentsCommand),
     /// Show the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -96,6 +99,29 @@ impl StoreArgs {
             path_style: self.s3_path_style,
         }
     }
+}
+
+#[derive(Subcommand)]
+enum ExperimentsCommand {
+    /// Per arm: impressions, clicks, CTR, watch rate; against the control: lift, 95%
+    /// interval and the p-value of a two-proportion z-test (what GET
+    /// /experiments/{name}/analysis answers).
+    Analyze {
+        /// The experiment's name (as the bundle defines it).
+        name: String,
+        /// Registry folder.
+        #[arg(long, env = "EDGEREC_STATE", default_value = ".edgerec/control-plane")]
+        state: PathBuf,
+        /// The control arm [default: "control", else the first by name].
+        #[arg(long)]
+        control: Option<String>,
+        /// Impressions an arm needs before its comparison is conclusive.
+        #[arg(long, default_value_t = 1000)]
+        min_sample: u64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1247,6 +1273,59 @@ fn run(cli: Cli) -> Result<()> {
                 max_body_bytes: args.max_body_mb << 20,
             };
             tokio::runtime::Runtime::new()?.block_on(control_plane::serve::serve(options))?;
+        }
+        Command::Experiments(ExperimentsCommand::Analyze {
+            name,
+            state,
+            control,
+            min_sample,
+            json,
+        }) => {
+            let database = state.join("registry.sqlite");
+            anyhow::ensure!(
+                database.is_file(),
+                "no registry at {} (give --state)",
+                database.display()
+            );
+            let registry = control_plane::registry::Registry::open(&database)?;
+            let outcomes = registry.arm_outcomes(Some(&name))?;
+            let analysis = control_plane::experiments::analyze(
+                &name,
+                outcomes,
+                control.as_deref(),
+                min_sample,
+            );
+            if json {
+                println!("{}", serde_json::to_string_pretty(&analysis)?);
+            } else {
+                println!(
+                    "{:<20} {:>9} {:>11} {:>7} {:>7} {:>9} {:>10} {:>9}  95% CI of the CTR difference",
+                    "arm", "responses", "impressions", "clicks", "CTR", "watch", "CTR lift", "p"
+                );
+                for arm in &analysis.arms {
+                    let versus = arm.versus_control.first();
+                    println!(
+                        "{:<20} {:>9} {:>11} {:>7} {:>7.4} {:>9.4} {:>10} {:>9}  {}",
+                        arm.outcome.arm,
+                        arm.outcome.responses,
+                        arm.outcome.impressions,
+                        arm.outcome.clicks,
+                        arm.ctr,
+                        arm.watch_rate,
+                        versus
+                            .and_then(|c| c.lift)
+                            .map_or("-".to_owned(), |lift| format!("{:+.1}%", lift * 100.0)),
+                        versus.map_or("(control)".to_owned(), |c| format!("{:.4}", c.p_value)),
+                        versus.map_or(String::new(), |c| format!(
+                            "[{:+.4}, {:+.4}]",
+                            c.ci95.0, c.ci95.1
+                        )),
+                    );
+                }
+                for warning in &analysis.warnings {
+                    println!("warning: {warning}");
+                }
+            }
         }
         Command::Pipeline(PipelineCommand::Run(args)) => {
             use control_plane::pipeline::{self, PipelineContext, RunRecord, RunStatus};

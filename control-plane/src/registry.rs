@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
+use crate::experiments::ArmOutcome;
 use crate::pipeline::{DataVersion, RunRecord};
 use crate::publish::{Artifact, Manifest};
 
@@ -580,6 +581,72 @@ impl Registry {
         )
     }
 
+    /// Outcomes per arm of `experiment` (`Some`) or per model version (`None`), from the
+    /// ingested responses and the interactions joined to them by request id.
+    pub fn arm_outcomes(&self, experiment: Option<&str>) -> Result<Vec<ArmOutcome>> {
+        let (arm, filter) = match experiment {
+            Some(_) => (
+                "COALESCE(json_extract(body, '$.variant'), '(none)')",
+                "json_extract(body, '$.experiment') = ?1",
+            ),
+            None => ("json_extract(body, '$.model_version')", "?1 IS NULL"),
+        };
+        let connection = self.lock();
+        let mut served = connection.prepare(&format!(
+            "SELECT {arm}, COUNT(*), COALESCE(SUM(json_array_length(body, '$.items')), 0)
+             FROM events WHERE kind = 'inference' AND {filter} GROUP BY 1"
+        ))?;
+        let mut outcomes: BTreeMap<String, ArmOutcome> = BTreeMap::new();
+        let rows = served.query_map([experiment], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, i64>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (name, responses, impressions) = row?;
+            outcomes.insert(
+                name.clone(),
+                ArmOutcome {
+                    arm: name,
+                    responses: responses as u64,
+                    impressions: impressions as u64,
+                    clicks: 0,
+                    watches: 0,
+                },
+            );
+        }
+        let joined_arm = arm.replace("body", "shown.body");
+        let joined_filter = filter.replace("body", "shown.body");
+        let mut engaged = connection.prepare(&format!(
+            "SELECT {joined_arm}, json_extract(done.body, '$.interaction_type'),
+                    COUNT(DISTINCT done.request_id || ':' || json_extract(done.body, '$.video_id'))
+             FROM events done JOIN events shown
+               ON shown.kind = 'inference' AND shown.request_id = done.request_id
+             WHERE done.kind = 'interaction' AND {joined_filter}
+               AND json_extract(done.body, '$.interaction_type') IN ('click', 'watch')
+             GROUP BY 1, 2"
+        ))?;
+        let rows = engaged.query_map([experiment], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, i64>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (name, kind, count) = row?;
+            if let Some(outcome) = outcomes.get_mut(&name) {
+                match kind.as_str() {
+                    "click" => outcome.clicks = count as u64,
+                    _ => outcome.watches = count as u64,
+                }
+            }
+        }
+        Ok(outcomes.into_values().collect())
+    }
+
     fn json_rows<T: serde::de::DeserializeOwned>(
         &self,
         sql: &str,
@@ -710,6 +777,79 @@ mod tests {
         assert_eq!(channel.history[0].action, ChannelAction::Rollback);
         assert_eq!(registry.channels().unwrap().len(), 1);
         assert!(registry.channel("canary").unwrap().is_none());
+    }
+
+    #[test]
+    fn outcomes_join_interactions_to_the_arm_that_served() {
+        let registry = Registry::in_memory().unwrap();
+        let served = |request: &str, variant: &str, items: usize| NewEvent {
+            event_id: request.to_owned(),
+            request_id: Some(request.to_owned()),
+            user_id: Some(1),
+            body: serde_json::json!({
+                "event_id": request, "request_id": request, "model_version": "m1",
+                "experiment": "e", "variant": variant,
+                "items": (0..items).map(|v| serde_json::json!({"video_id": v})).collect::<Vec<_>>(),
+            })
+            .to_string(),
+        };
+        let did = |id: &str, request: &str, video: u64, kind: &str| {
+            NewEvent {
+            event_id: id.to_owned(),
+            request_id: Some(request.to_owned()),
+            user_id: Some(1),
+            body: serde_json::json!({"event_id": id, "request_id": request, "video_id": video, "interaction_type": kind}).to_string(),
+        }
+        };
+        registry
+            .ingest(
+                EventKind::Inference,
+                &[
+                    served("r1", "a", 5),
+                    served("r2", "a", 5),
+                    served("r3", "b", 4),
+                ],
+                1,
+            )
+            .unwrap();
+        registry
+            .ingest(
+                EventKind::Interaction,
+                &[
+                    did("i1", "r1", 0, "click"),
+                    did("i2", "r1", 0, "click"), // the same video clicked twice counts once
+                    did("i3", "r1", 1, "watch"),
+                    did("i4", "r3", 2, "click"),
+                    did("i5", "r3", 2, "like"),
+                    did("i6", "unknown", 2, "click"), // joins nothing
+                ],
+                2,
+            )
+            .unwrap();
+        let outcomes = registry.arm_outcomes(Some("e")).unwrap();
+        let summary: Vec<(&str, u64, u64, u64, u64)> = outcomes
+            .iter()
+            .map(|o| {
+                (
+                    o.arm.as_str(),
+                    o.responses,
+                    o.impressions,
+                    o.clicks,
+                    o.watches,
+                )
+            })
+            .collect();
+        assert_eq!(summary, [("a", 2, 10, 1, 1), ("b", 1, 4, 1, 0)]);
+        assert!(registry.arm_outcomes(Some("other")).unwrap().is_empty());
+        let by_model = registry.arm_outcomes(None).unwrap();
+        assert_eq!(
+            (
+                by_model[0].arm.as_str(),
+                by_model[0].impressions,
+                by_model[0].clicks
+            ),
+            ("m1", 14, 2)
+        );
     }
 
     #[test]

@@ -227,6 +227,8 @@ pub fn router(control_plane: Arc<ControlPlane>) -> Router {
         .route("/runs/{id}", get(show_run))
         .route("/runs/{id}/log", get(run_log))
         .route("/data-versions", get(list_data_versions))
+        .route("/experiments/{name}/analysis", get(analyze_experiment))
+        .route("/online-metrics", get(online_metrics))
         .route(
             "/ingest/inferences",
             post(ingest_inferences).get(list_inferences),
@@ -916,6 +918,60 @@ async fn list_data_versions(
     State(control_plane): State<Arc<ControlPlane>>,
 ) -> Result<Json<Vec<crate::pipeline::DataVersion>>, ApiError> {
     Ok(Json(control_plane.registry(|r| r.data_versions()).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnalysisParams {
+    control: Option<String>,
+    #[serde(default = "default_min_sample")]
+    min_sample: u64,
+}
+
+fn default_min_sample() -> u64 {
+    1000
+}
+
+async fn analyze_experiment(
+    State(control_plane): State<Arc<ControlPlane>>,
+    name: Result<Path<String>, PathRejection>,
+    params: Result<Query<AnalysisParams>, QueryRejection>,
+) -> Result<Json<crate::experiments::Analysis>, ApiError> {
+    let Path(name) = name?;
+    let Query(params) = params?;
+    if name.is_empty() || name.len() > 128 {
+        return Err(ApiError::bad_request(
+            "experiment names are 1-128 characters",
+        ));
+    }
+    let wanted = name.clone();
+    let outcomes = control_plane
+        .registry(move |r| r.arm_outcomes(Some(&wanted)))
+        .await?;
+    Ok(Json(crate::experiments::analyze(
+        &name,
+        outcomes,
+        params.control.as_deref(),
+        params.min_sample,
+    )))
+}
+
+/// Impressions, clicks, CTR and watch rate per model version, from the ingested events.
+async fn online_metrics(
+    State(control_plane): State<Arc<ControlPlane>>,
+) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
+    let outcomes = control_plane.registry(|r| r.arm_outcomes(None)).await?;
+    Ok(Json(
+        outcomes
+            .into_iter()
+            .map(|o| {
+                json!({
+                    "model_version": o.arm, "responses": o.responses, "impressions": o.impressions,
+                    "clicks": o.clicks, "watches": o.watches, "ctr": o.ctr(), "watch_rate": o.watch_rate(),
+                })
+            })
+            .collect(),
+    ))
 }
 
 /// The key a channel's manifest is served at, for printing.

@@ -789,6 +789,79 @@ fn a_host_ships_what_it_serves_and_keeps_it_through_an_outage() {
         "{metrics}"
     );
     assert!(metrics.contains("edgerec_host_capture_ship_failures_total"));
+
+    // An A/B readout from what was served: viewers in one arm click the top item of every
+    // answer, the control's viewers one answer in four.
+    let mut clicks = 0;
+    for user in 100..400_u64 {
+        let (status, answer) = get(&http, &format!("{}/recommendations/{user}?n=6", host.url));
+        assert_eq!(status, 200);
+        let variant = answer["metadata"]["variant"].as_str().unwrap().to_owned();
+        if variant == "one-per-channel" || user % 4 == 0 {
+            let video = answer["recommendations"][0]["video_id"].as_u64().unwrap();
+            let (status, _) = post(
+                &http,
+                &format!("{}/interactions", host.url),
+                json!({"user_id": user, "video_id": video, "type": "click"}).to_string(),
+            );
+            assert_eq!(status, 202);
+            clicks += 1;
+        }
+    }
+    wait_for_events(&http, &control, "interactions", 1 + clicks);
+    wait_for_events(&http, &control, "inferences", 15 + 300);
+    let (status, analysis) = authed_get(
+        &http,
+        &format!("{}/experiments/channel-cap/analysis", control.url),
+    );
+    assert_eq!(status, 200, "{analysis}");
+    assert_eq!(analysis["control"], "control");
+    let arms = analysis["arms"].as_array().unwrap();
+    assert_eq!(arms.len(), 2, "{analysis}");
+    assert_eq!(arms[1]["arm"], "one-per-channel");
+    let ctr = &arms[1]["versus_control"][0];
+    assert_eq!(ctr["metric"], "ctr");
+    assert!(
+        ctr["treatment"].as_f64() > ctr["control"].as_f64()
+            && ctr["p_value"].as_f64().unwrap() < 0.001,
+        "{analysis}"
+    );
+    let impressions: u64 = arms
+        .iter()
+        .map(|arm| arm["impressions"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        impressions,
+        6 * 315,
+        "every item of every captured response"
+    );
+    assert!(
+        analysis["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("below the minimum sample"),
+        "{analysis}"
+    );
+    // The command line reads the same registry and gives the same verdict.
+    let table = stdout_of(
+        &Command::new(binary("control-plane"))
+            .args(["experiments", "analyze", "channel-cap", "--state"])
+            .arg(state.path())
+            .output()
+            .unwrap(),
+    );
+    let treatment = table
+        .lines()
+        .find(|line| line.starts_with("one-per-channel"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        treatment.contains(&format!("{:.4}", ctr["p_value"].as_f64().unwrap())),
+        "{table}"
+    );
+    assert!(table.contains("warning: arm"), "{table}");
+    let (_, online) = authed_get(&http, &format!("{}/online-metrics", control.url));
+    assert_eq!(online[0]["model_version"], "fixture-1");
+    assert_eq!(online[0]["impressions"], 6 * 315);
 }
 
 /// Polls a run until it is no longer queued or running.
