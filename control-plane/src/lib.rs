@@ -14,6 +14,7 @@ pub mod data;
 mod error;
 pub mod eval;
 pub mod experiments;
+pub mod feedback;
 pub mod ingest;
 pub mod latency;
 pub mod movielens;

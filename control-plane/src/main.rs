@@ -63,6 +63,9 @@ enum Command {
     /// A/B readouts from the ingested outcomes.
     #[command(subcommand)]
     Experiments(ExperimentsCommand),
+    /// The feedback loop: ingested events into training data.
+    #[command(subcommand)]
+    Feedback(FeedbackCommand),
     /// Show the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -99,6 +102,25 @@ impl StoreArgs {
             path_style: self.s3_path_style,
         }
     }
+}
+
+#[derive(Subcommand)]
+enum FeedbackCommand {
+    /// Join the ingested interactions to the logged responses (labels: engaged or shown
+    /// and ignored, with position and model version) and merge them into a copy of a
+    /// data set: OUT gets the tables plus feedback_labels.csv, registered as a new data
+    /// version that `pipeline run --data OUT` retrains on.
+    Merge {
+        /// The data set the events are about.
+        #[arg(long)]
+        base: PathBuf,
+        /// The new data set's folder (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// Registry folder.
+        #[arg(long, env = "EDGEREC_STATE", default_value = ".edgerec/control-plane")]
+        state: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1273,6 +1295,27 @@ fn run(cli: Cli) -> Result<()> {
                 max_body_bytes: args.max_body_mb << 20,
             };
             tokio::runtime::Runtime::new()?.block_on(control_plane::serve::serve(options))?;
+        }
+        Command::Feedback(FeedbackCommand::Merge { base, out, state }) => {
+            let database = state.join("registry.sqlite");
+            anyhow::ensure!(
+                database.is_file(),
+                "no registry at {} (give --state)",
+                database.display()
+            );
+            let registry = control_plane::registry::Registry::open(&database)?;
+            let report = control_plane::feedback::merge(&registry, &base, &out)?;
+            println!(
+                "merged {} responses and {} interactions into {}: {} labeled rows ({} engaged), {} interaction rows added, {} events skipped; data version {}",
+                report.inferences,
+                report.interactions,
+                report.out,
+                report.labeled,
+                report.engaged,
+                report.rows_added,
+                report.skipped,
+                report.data_version.sha256
+            );
         }
         Command::Experiments(ExperimentsCommand::Analyze {
             name,

@@ -137,7 +137,8 @@ pub struct RunRecord {
 /// A data version: a data set's content hash with its counts and time range.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataVersion {
-    /// sha256 over `dataset.json` and every table file, in name order.
+    /// sha256 over `dataset.json`, every table file and the feedback labels, in name
+    /// order.
     pub sha256: String,
     /// The folder it was read from.
     pub path: String,
@@ -196,7 +197,7 @@ pub fn data_version(dir: &Path) -> anyhow::Result<DataVersion> {
             path.is_file()
                 && path
                     .extension()
-                    .is_some_and(|e| e == "parquet" || e == "json")
+                    .is_some_and(|e| e == "parquet" || e == "json" || e == "csv")
         })
         .collect();
     files.sort();

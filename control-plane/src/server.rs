@@ -229,6 +229,7 @@ pub fn router(control_plane: Arc<ControlPlane>) -> Router {
         .route("/data-versions", get(list_data_versions))
         .route("/experiments/{name}/analysis", get(analyze_experiment))
         .route("/online-metrics", get(online_metrics))
+        .route("/feedback/merge", post(merge_feedback))
         .route(
             "/ingest/inferences",
             post(ingest_inferences).get(list_inferences),
@@ -972,6 +973,43 @@ async fn online_metrics(
             })
             .collect(),
     ))
+}
+
+/// `POST /feedback/merge`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MergeRequest {
+    base: String,
+    out: String,
+}
+
+async fn merge_feedback(
+    State(control_plane): State<Arc<ControlPlane>>,
+    request: Result<Json<MergeRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<crate::feedback::MergeReport>), ApiError> {
+    let Json(request) = request?;
+    let base = std::path::PathBuf::from(&request.base);
+    let out = std::path::PathBuf::from(&request.out);
+    crate::data::read_manifest(&base).map_err(|e| {
+        ApiError::bad_request(format!(
+            "base {:?} is not a data set folder: {e}",
+            request.base
+        ))
+    })?;
+    if out.exists() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "exists",
+            format!("{} exists already; merge into a new folder", out.display()),
+        ));
+    }
+    let registry = control_plane.registry.clone();
+    let report =
+        tokio::task::spawn_blocking(move || crate::feedback::merge(&registry, &base, &out))
+            .await
+            .map_err(|e| ApiError::internal(format!("merge task: {e}")))?
+            .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    Ok((StatusCode::CREATED, Json(report)))
 }
 
 /// The key a channel's manifest is served at, for printing.

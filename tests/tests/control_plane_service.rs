@@ -862,6 +862,58 @@ fn a_host_ships_what_it_serves_and_keeps_it_through_an_outage() {
     let (_, online) = authed_get(&http, &format!("{}/online-metrics", control.url));
     assert_eq!(online[0]["model_version"], "fixture-1");
     assert_eq!(online[0]["impressions"], 6 * 315);
+
+    // The loop closes: the events become labeled data in a new data version, and the
+    // same pipeline retrains on it.
+    let merged = spool.path().join("merged");
+    let (status, report) = authed_post(
+        &http,
+        &format!("{}/feedback/merge", control.url),
+        &json!({"base": fixture.data(), "out": merged}),
+    );
+    assert_eq!(status, 201, "{report}");
+    assert_eq!(report["inferences"], 315);
+    assert_eq!(report["labeled"], 6 * 315);
+    assert_eq!(
+        report["engaged"],
+        1 + clicks,
+        "every click joined to the item it was on"
+    );
+    assert_eq!(report["rows_added"], 6 * 315 + 1 + clicks);
+    assert_eq!(report["skipped"], 0);
+    let labels = std::fs::read_to_string(merged.join("feedback_labels.csv")).unwrap();
+    let header: Vec<&str> = labels.lines().next().unwrap().split(',').collect();
+    let label_column = header.iter().position(|c| *c == "label").unwrap();
+    let positives = labels
+        .lines()
+        .skip(1)
+        .filter(|line| line.split(',').nth(label_column) == Some("1"))
+        .count();
+    assert_eq!(positives, 1 + clicks);
+    let (status, again) = authed_post(
+        &http,
+        &format!("{}/feedback/merge", control.url),
+        &json!({"base": fixture.data(), "out": merged}),
+    );
+    assert_eq!((status, &again["code"]), (409, &json!("exists")));
+    let (status, queued) = authed_post(
+        &http,
+        &format!("{}/runs", control.url),
+        &json!({"data": merged, "config": edgerec_e2e::FIXTURE_CONFIG}),
+    );
+    assert_eq!(status, 202, "{queued}");
+    let run = wait_for_run(
+        &http,
+        &control,
+        queued["id"].as_str().unwrap(),
+        Duration::from_secs(900),
+    );
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["data_version"], report["data_version"]["sha256"]);
+    assert_eq!(
+        run["stages"][8]["status"], "skipped",
+        "no channel to publish to"
+    );
 }
 
 /// Polls a run until it is no longer queued or running.
