@@ -63,7 +63,8 @@ struct LabeledRow<'a> {
     engagements: String,
 }
 
-fn all_events<T: serde::de::DeserializeOwned>(
+/// Every stored event of a kind that reads as `T`; `skipped` counts those that do not.
+pub fn all_events<T: serde::de::DeserializeOwned>(
     registry: &Registry,
     kind: EventKind,
     skipped: &mut u64,

@@ -49,6 +49,26 @@ pub struct InferenceEvent {
     pub variant: Option<String>,
     /// What was shown, in order.
     pub items: Vec<ServedItem>,
+    /// The viewer features the request was served with (for the drift monitor).
+    #[serde(default)]
+    pub features: Option<ServingFeatures>,
+}
+
+/// The viewer features a request carried (its own or the stored profile's).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServingFeatures {
+    /// Country code.
+    #[serde(default)]
+    pub country: Option<String>,
+    /// Language code.
+    #[serde(default)]
+    pub language: Option<String>,
+    /// Age in years.
+    #[serde(default)]
+    pub age: Option<f64>,
+    /// Device class.
+    #[serde(default)]
+    pub device: Option<String>,
 }
 
 /// A viewer's interaction.

@@ -11,6 +11,7 @@ pub mod catboost_side_by_side;
 pub mod config;
 pub mod csv_import;
 pub mod data;
+pub mod drift;
 mod error;
 pub mod eval;
 pub mod experiments;

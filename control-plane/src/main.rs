@@ -66,6 +66,22 @@ enum Command {
     /// The feedback loop: ingested events into training data.
     #[command(subcommand)]
     Feedback(FeedbackCommand),
+    /// Serving feature distributions (logged requests) against a training data set's:
+    /// PSI per feature, alerts above the threshold (what GET /drift answers).
+    Drift {
+        /// The training data set.
+        #[arg(long)]
+        data: PathBuf,
+        /// Only requests served by this model version.
+        #[arg(long)]
+        model_version: Option<String>,
+        /// PSI above which a feature alerts.
+        #[arg(long, default_value_t = control_plane::drift::DEFAULT_THRESHOLD)]
+        threshold: f64,
+        /// Registry folder.
+        #[arg(long, env = "EDGEREC_STATE", default_value = ".edgerec/control-plane")]
+        state: PathBuf,
+    },
     /// Show the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -1295,6 +1311,50 @@ fn run(cli: Cli) -> Result<()> {
                 max_body_bytes: args.max_body_mb << 20,
             };
             tokio::runtime::Runtime::new()?.block_on(control_plane::serve::serve(options))?;
+        }
+        Command::Drift {
+            data,
+            model_version,
+            threshold,
+            state,
+        } => {
+            let database = state.join("registry.sqlite");
+            anyhow::ensure!(
+                database.is_file(),
+                "no registry at {} (give --state)",
+                database.display()
+            );
+            let registry = control_plane::registry::Registry::open(&database)?;
+            let dataset = Dataset::load(&data)?;
+            let mut skipped = 0;
+            let served: Vec<control_plane::ingest::InferenceEvent> =
+                control_plane::feedback::all_events(
+                    &registry,
+                    control_plane::registry::EventKind::Inference,
+                    &mut skipped,
+                )?;
+            let report = control_plane::drift::drift_report(
+                &dataset,
+                &data.display().to_string(),
+                &served,
+                model_version.as_deref(),
+                threshold,
+            );
+            println!(
+                "{} served requests against {} training rows of {}",
+                report.serving_requests, report.training_rows, report.data
+            );
+            for feature in &report.features {
+                println!(
+                    "  {:<10} PSI {:>7.4}{}",
+                    feature.feature,
+                    feature.psi,
+                    if feature.alert { "  ALERT" } else { "" }
+                );
+            }
+            for alert in &report.alerts {
+                println!("alert: {alert}");
+            }
         }
         Command::Feedback(FeedbackCommand::Merge { base, out, state }) => {
             let database = state.join("registry.sqlite");

@@ -230,6 +230,7 @@ pub fn router(control_plane: Arc<ControlPlane>) -> Router {
         .route("/experiments/{name}/analysis", get(analyze_experiment))
         .route("/online-metrics", get(online_metrics))
         .route("/feedback/merge", post(merge_feedback))
+        .route("/drift", get(drift))
         .route(
             "/ingest/inferences",
             post(ingest_inferences).get(list_inferences),
@@ -1010,6 +1011,92 @@ async fn merge_feedback(
             .map_err(|e| ApiError::internal(format!("merge task: {e}")))?
             .map_err(|e| ApiError::internal(format!("{e:#}")))?;
     Ok((StatusCode::CREATED, Json(report)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DriftParams {
+    data: Option<String>,
+    model_version: Option<String>,
+    channel: Option<String>,
+    threshold: Option<f64>,
+}
+
+/// Serving features against training's: the data set is `data`, or the one the
+/// channel's bundle was trained on (its lineage), and the requests are those served by
+/// `model_version`, or by the channel's current model.
+async fn drift(
+    State(control_plane): State<Arc<ControlPlane>>,
+    params: Result<Query<DriftParams>, QueryRejection>,
+) -> Result<Json<crate::drift::DriftReport>, ApiError> {
+    let Query(params) = params?;
+    let threshold = params.threshold.unwrap_or(crate::drift::DEFAULT_THRESHOLD);
+    if !(threshold.is_finite() && threshold > 0.0) {
+        return Err(ApiError::bad_request("threshold must be a positive number"));
+    }
+    let channel = params.channel.unwrap_or_else(|| "production".to_owned());
+    check_channel(&channel).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let registry = control_plane.registry.clone();
+    let report = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+        let internal = |e: RegistryError| ApiError::internal(e.to_string());
+        let serving = registry.channel(&channel).map_err(internal)?;
+        let (data, model_version) = match params.data {
+            Some(data) => (data, params.model_version),
+            None => {
+                let current = serving.as_ref().ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "nothing is published to {channel}: give data=PATH"
+                    ))
+                })?;
+                let bundle = registry
+                    .bundle(&current.current.bundle.sha256)
+                    .map_err(internal)?
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "the channel's bundle is not registered: give data=PATH",
+                        )
+                    })?;
+                let from_version = match bundle.lineage.get("data_version") {
+                    Some(sha) => registry
+                        .data_versions()
+                        .map_err(internal)?
+                        .into_iter()
+                        .find(|version| &version.sha256 == sha)
+                        .map(|version| version.path),
+                    None => None,
+                };
+                let data = from_version
+                    .or_else(|| bundle.lineage.get("data").cloned())
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "the bundle's lineage names no data set: give data=PATH",
+                        )
+                    })?;
+                (
+                    data,
+                    params
+                        .model_version
+                        .or_else(|| Some(current.current.model_version.clone())),
+                )
+            }
+        };
+        let dataset = crate::data::Dataset::load(std::path::Path::new(&data))
+            .map_err(|e| ApiError::bad_request(format!("data {data:?}: {e}")))?;
+        let mut skipped = 0;
+        let served: Vec<crate::ingest::InferenceEvent> =
+            crate::feedback::all_events(&registry, EventKind::Inference, &mut skipped)
+                .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+        Ok(crate::drift::drift_report(
+            &dataset,
+            &data,
+            &served,
+            model_version.as_deref(),
+            threshold,
+        ))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("drift task: {e}")))??;
+    Ok(Json(report))
 }
 
 /// The key a channel's manifest is served at, for printing.

@@ -162,8 +162,15 @@ impl Capture {
             .push(event.to_string());
     }
 
-    /// Records a served response (with `metadata.request_id` set) for `user`.
-    pub fn served(&self, user: Option<u64>, response: &Value, served_at_ms: i64) {
+    /// Records a served response (with `metadata.request_id` set) for `user`, served with
+    /// the viewer features `features` (the request's `user_features`).
+    pub fn served(
+        &self,
+        user: Option<u64>,
+        features: Option<&Value>,
+        response: &Value,
+        served_at_ms: i64,
+    ) {
         let metadata = &response["metadata"];
         let Some(request_id) = metadata["request_id"].as_str() else {
             return;
@@ -213,6 +220,7 @@ impl Capture {
                 "experiment": metadata["experiment"],
                 "variant": metadata["variant"],
                 "items": items,
+                "features": features.filter(|f| f.is_object()),
             }),
         );
     }
@@ -447,8 +455,14 @@ mod tests {
         let folder = tempfile::tempdir().unwrap();
         let capture = capture(folder.path(), 1 << 20);
         let metrics = Metrics::new();
-        capture.served(Some(7), &response("r1", &[10, 11, 12]), 1000);
-        capture.served(Some(7), &response("r2", &[20, 21]), 2000);
+        let features = json!({"country": "US", "age": 30});
+        capture.served(
+            Some(7),
+            Some(&features),
+            &response("r1", &[10, 11, 12]),
+            1000,
+        );
+        capture.served(Some(7), None, &response("r2", &[20, 21]), 2000);
         capture.interaction(7, 21, "click", 3, None, None, None);
         capture.interaction(7, 10, "click", 4, None, None, None);
         capture.interaction(7, 99, "watch", 5, Some(3.0), Some("client-said"), Some(4));
@@ -457,6 +471,8 @@ mod tests {
         assert_eq!(inferences.len(), 2);
         assert_eq!(inferences[0]["event_id"], "r1");
         assert_eq!(inferences[0]["items"][2]["position"], 2);
+        assert_eq!(inferences[0]["features"]["country"], "US");
+        assert_eq!(inferences[1]["features"], Value::Null);
         let interactions = lines(folder.path(), Kind::Interactions);
         assert_eq!(
             (&interactions[0]["request_id"], &interactions[0]["position"]),
@@ -478,7 +494,12 @@ mod tests {
         let capture = capture(folder.path(), 2_000);
         let metrics = Metrics::new();
         for round in 0..20 {
-            capture.served(Some(round), &response(&format!("r{round}"), &[1, 2, 3]), 0);
+            capture.served(
+                Some(round),
+                None,
+                &response(&format!("r{round}"), &[1, 2, 3]),
+                0,
+            );
             capture.seal(&metrics).unwrap();
         }
         let kept = lines(folder.path(), Kind::Inferences);
@@ -495,7 +516,7 @@ mod tests {
         assert!(total <= 2_000);
         // A restart continues the sequence after the segments it finds.
         let reopened = self::capture(folder.path(), 2_000);
-        reopened.served(Some(1), &response("after-restart", &[1]), 0);
+        reopened.served(Some(1), None, &response("after-restart", &[1]), 0);
         reopened.seal(&metrics).unwrap();
         assert_eq!(
             lines(folder.path(), Kind::Inferences).last().unwrap()["event_id"],

@@ -299,20 +299,24 @@ async fn serve(host: &Host, request: &Value) -> Result<(Value, String), ApiError
         .as_array()
         .map_or(0, |items| items.len());
     host.metrics.impressions(items as u64);
-    host.stamp_and_capture(request["user_id"].as_u64(), &mut response);
+    host.stamp_and_capture(
+        request["user_id"].as_u64(),
+        request.get("user_features"),
+        &mut response,
+    );
     Ok((response, served.generation.sha256.clone()))
 }
 
 impl Host {
     /// Gives a response to be shown its own request id (which interactions will name) and
     /// captures it.
-    fn stamp_and_capture(&self, user: Option<u64>, response: &mut Value) {
+    fn stamp_and_capture(&self, user: Option<u64>, features: Option<&Value>, response: &mut Value) {
         let request_id = self.next_request_id();
         if let Some(metadata) = response.get_mut("metadata").and_then(Value::as_object_mut) {
             metadata.insert("request_id".into(), Value::String(request_id));
         }
         if let Some(capture) = &self.capture {
-            capture.served(user, response, now_millis());
+            capture.served(user, features, response, now_millis());
         }
     }
 }
@@ -346,7 +350,13 @@ async fn get_recommendations(
     host.metrics.cache_lookup(cached.is_some());
     if let Some(mut response) = cached {
         // Shown again: a new impression with its own request id.
-        host.stamp_and_capture(Some(user), &mut response);
+        let features = host
+            .profiles
+            .read()
+            .expect("profiles lock")
+            .get(user)
+            .map(profile_features);
+        host.stamp_and_capture(Some(user), features.as_ref(), &mut response);
         host.metrics.impressions(
             response["recommendations"]
                 .as_array()

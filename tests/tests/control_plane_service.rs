@@ -863,6 +863,50 @@ fn a_host_ships_what_it_serves_and_keeps_it_through_an_outage() {
     assert_eq!(online[0]["model_version"], "fixture-1");
     assert_eq!(online[0]["impressions"], 6 * 315);
 
+    // Drift: the served viewers look like the training data until requests from elsewhere
+    // arrive.
+    let drift_of = |report: &Value, feature: &str| -> (f64, bool) {
+        let entry = report["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["feature"] == feature)
+            .unwrap_or_else(|| panic!("{report}"));
+        (
+            entry["psi"].as_f64().unwrap(),
+            entry["alert"].as_bool().unwrap(),
+        )
+    };
+    let (status, before) = authed_get(&http, &format!("{}/drift", control.url));
+    assert_eq!(status, 200, "{before}");
+    assert_eq!(before["serving_requests"], 315, "{before}");
+    assert_eq!(before["model_version"], "fixture-1");
+    eprintln!(
+        "drift before: {:?}",
+        ["country", "language", "age", "device"].map(|f| drift_of(&before, f))
+    );
+    for user in 0..200 {
+        let (status, _) = post(
+            &http,
+            &format!("{}/recommendations", host.url),
+            json!({"user_id": 5000 + user, "n": 3, "user_features": {"country": "ZZ", "language": "zz", "age": 90, "device": "fridge"}}).to_string(),
+        );
+        assert_eq!(status, 200);
+    }
+    wait_for_events(&http, &control, "inferences", 315 + 200);
+    let (_, after) = authed_get(&http, &format!("{}/drift", control.url));
+    eprintln!(
+        "drift after: {:?}",
+        ["country", "language", "age", "device"].map(|f| drift_of(&after, f))
+    );
+    for feature in ["country", "language", "age", "device"] {
+        let (psi_before, alert_before) = drift_of(&before, feature);
+        let (psi_after, alert_after) = drift_of(&after, feature);
+        assert!(!alert_before && psi_before < 0.1, "{feature}: {before}");
+        assert!(alert_after && psi_after > 0.25, "{feature}: {after}");
+    }
+    assert_eq!(after["alerts"].as_array().unwrap().len(), 4);
+
     // The loop closes: the events become labeled data in a new data version, and the
     // same pipeline retrains on it.
     let merged = spool.path().join("merged");
@@ -872,7 +916,7 @@ fn a_host_ships_what_it_serves_and_keeps_it_through_an_outage() {
         &json!({"base": fixture.data(), "out": merged}),
     );
     assert_eq!(status, 201, "{report}");
-    assert_eq!(report["inferences"], 315);
+    assert_eq!(report["inferences"], 315 + 200);
     assert_eq!(report["labeled"], 6 * 315);
     assert_eq!(
         report["engaged"],
@@ -880,7 +924,10 @@ fn a_host_ships_what_it_serves_and_keeps_it_through_an_outage() {
         "every click joined to the item it was on"
     );
     assert_eq!(report["rows_added"], 6 * 315 + 1 + clicks);
-    assert_eq!(report["skipped"], 0);
+    assert_eq!(
+        report["skipped"], 200,
+        "responses to viewers the data set does not know"
+    );
     let labels = std::fs::read_to_string(merged.join("feedback_labels.csv")).unwrap();
     let header: Vec<&str> = labels.lines().next().unwrap().split(',').collect();
     let label_column = header.iter().position(|c| *c == "label").unwrap();
