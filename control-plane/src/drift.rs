@@ -26,7 +26,7 @@ const TOP_CATEGORIES: usize = 20;
 const AGE_BOUNDS: [f64; 6] = [18.0, 25.0, 35.0, 45.0, 55.0, 65.0];
 
 /// One bin of one feature.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Bin {
     /// The category or range.
     pub label: String,
@@ -37,7 +37,7 @@ pub struct Bin {
 }
 
 /// One feature's drift.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FeatureDrift {
     /// `country`, `language`, `age`, `device`.
     pub feature: String,
@@ -50,7 +50,7 @@ pub struct FeatureDrift {
 }
 
 /// The report.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DriftReport {
     /// The training data set.
     pub data: String,

@@ -13,7 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 /// What one arm (or model version) served and what viewers did with it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ArmOutcome {
     /// The variant (or model version).
     pub arm: String,
@@ -48,7 +48,7 @@ fn ratio(part: u64, whole: u64) -> f64 {
 }
 
 /// A treatment's rate against the control's.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Comparison {
     /// `ctr` or `watch_rate`.
     pub metric: String,
@@ -61,6 +61,7 @@ pub struct Comparison {
     /// Relative change, `None` when the control's rate is 0.
     pub lift: Option<f64>,
     /// 95% confidence interval of the difference (unpooled standard error).
+    #[schema(value_type = Vec<f64>)]
     pub ci95: (f64, f64),
     /// The z statistic (pooled standard error).
     pub z: f64,
@@ -108,7 +109,7 @@ pub fn two_proportion_test(
 }
 
 /// One arm in an analysis.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ArmReport {
     /// What it served and got.
     #[serde(flatten)]
@@ -122,7 +123,7 @@ pub struct ArmReport {
 }
 
 /// An experiment's analysis.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Analysis {
     /// The experiment.
     pub experiment: String,

@@ -25,7 +25,7 @@ use crate::registry::{EventKind, Registry};
 pub const LABELS_FILE: &str = "feedback_labels.csv";
 
 /// What a merge did.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MergeReport {
     /// The base data set.
     pub base: String,

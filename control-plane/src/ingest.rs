@@ -15,7 +15,7 @@ use crate::registry::{EventKind, NewEvent};
 pub const MAX_BATCH_EVENTS: usize = 10_000;
 
 /// One recommended item as it was shown.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ServedItem {
     /// The video.
     pub video_id: u64,
@@ -28,7 +28,7 @@ pub struct ServedItem {
 }
 
 /// A served response.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InferenceEvent {
     /// Unique per event (hosts use the request id).
     pub event_id: String,
@@ -55,7 +55,7 @@ pub struct InferenceEvent {
 }
 
 /// The viewer features a request carried (its own or the stored profile's).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ServingFeatures {
     /// Country code.
     #[serde(default)]
@@ -72,7 +72,7 @@ pub struct ServingFeatures {
 }
 
 /// A viewer's interaction.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InteractionEvent {
     /// Unique per event.
     pub event_id: String,

@@ -41,7 +41,7 @@ pub const STAGES: [&str; 9] = [
 ];
 
 /// A run's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     /// Created, not started.
@@ -67,7 +67,7 @@ impl RunStatus {
 }
 
 /// A stage's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StageStatus {
     /// Not reached yet.
@@ -83,7 +83,7 @@ pub enum StageStatus {
 }
 
 /// One stage of a run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StageRecord {
     /// One of [`STAGES`].
     pub name: String,
@@ -98,7 +98,7 @@ pub struct StageRecord {
 }
 
 /// A pipeline run, as the registry keeps it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunRecord {
     /// `run-<unix seconds>-<random>`.
     pub id: String,
@@ -129,13 +129,14 @@ pub struct RunRecord {
     /// The bundle it registered.
     pub bundle: Option<String>,
     /// Evaluation reports (`retrieval`, `ranking`).
+    #[schema(value_type = Object)]
     pub metrics: serde_json::Value,
     /// Wall time of the whole run so far, seconds.
     pub seconds: f64,
 }
 
 /// A data version: a data set's content hash with its counts and time range.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DataVersion {
     /// sha256 over `dataset.json`, every table file and the feedback labels, in name
     /// order.
@@ -151,6 +152,7 @@ pub struct DataVersion {
     /// Interactions.
     pub interactions: u64,
     /// Earliest and latest interaction, Unix seconds.
+    #[schema(value_type = Option<Vec<i64>>)]
     pub time_range: Option<(i64, i64)>,
     /// Unix seconds.
     pub registered_at: i64,
@@ -709,6 +711,7 @@ fn run_stage(
                     bundle: bundle.artifact(),
                     profiles: Some(profiles),
                     published_at: now_seconds(),
+                    experiment: None,
                 };
                 crate::publish::write_manifest(&store, &manifest)
                     .await

@@ -24,7 +24,7 @@ pub const MANIFEST_FORMAT: u32 = 1;
 pub const PROFILES_FORMAT: u32 = 1;
 
 /// A channel's manifest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Manifest {
     /// [`MANIFEST_FORMAT`].
     pub format: u32,
@@ -39,10 +39,40 @@ pub struct Manifest {
     pub profiles: Option<Artifact>,
     /// Unix seconds.
     pub published_at: i64,
+    /// An experiment whose arms serve different bundles (`bundle` is the control's, what a
+    /// host that ignores experiments serves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiment: Option<ManifestExperiment>,
+}
+
+/// An experiment in a manifest: every host assigns a viewer to an arm with the same hash
+/// of (salt, user id) that the module uses for the bundle's own experiments, so every edge
+/// puts a viewer in the same arm.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ManifestExperiment {
+    /// Its name in responses and analyses.
+    pub name: String,
+    /// Mixed into the assignment hash.
+    pub salt: String,
+    /// The arms; the first is the control.
+    pub variants: Vec<ManifestVariant>,
+}
+
+/// One arm of a manifest experiment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ManifestVariant {
+    /// Its name.
+    pub name: String,
+    /// Its share of the traffic, relative to the others' weights.
+    pub weight: u32,
+    /// The model version of its bundle.
+    pub model_version: String,
+    /// Its bundle.
+    pub bundle: Artifact,
 }
 
 /// A content-addressed file in the store.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Artifact {
     /// Key under the store root.
     pub key: String,
@@ -293,6 +323,7 @@ pub async fn publish(
         bundle,
         profiles,
         published_at,
+        experiment: None,
     };
     let key = write_manifest(store, &manifest).await?;
     Ok((manifest, key))

@@ -33,7 +33,7 @@ pub enum RegistryError {
 type Result<T> = std::result::Result<T, RegistryError>;
 
 /// A registered bundle.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BundleRecord {
     /// Lowercase hex sha256 of the file.
     pub sha256: String,
@@ -50,13 +50,14 @@ pub struct BundleRecord {
     /// Its lineage (data version, config, code version, parent run).
     pub lineage: BTreeMap<String, String>,
     /// Its sections: kind, length, sha256.
+    #[schema(value_type = Vec<Object>)]
     pub sections: Vec<edge::bundle::SectionEntry>,
     /// Unix seconds when it was registered.
     pub registered_at: i64,
 }
 
 /// A registered profiles artifact.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProfilesRecord {
     /// Lowercase hex sha256 of the file.
     pub sha256: String,
@@ -71,13 +72,17 @@ pub struct ProfilesRecord {
 }
 
 /// What happened to a channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ChannelAction {
     /// A bundle was published.
     Publish,
     /// The channel went back to the bundle before the current one.
     Rollback,
+    /// An experiment started: its arms' bundles serve their shares.
+    StartExperiment,
+    /// An experiment ended: one bundle serves everyone again.
+    StopExperiment,
 }
 
 impl ChannelAction {
@@ -85,12 +90,14 @@ impl ChannelAction {
         match self {
             Self::Publish => "publish",
             Self::Rollback => "rollback",
+            Self::StartExperiment => "start_experiment",
+            Self::StopExperiment => "stop_experiment",
         }
     }
 }
 
 /// One entry of a channel's history.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ChannelEvent {
     /// Order of events across all channels.
     pub id: i64,
@@ -101,7 +108,7 @@ pub struct ChannelEvent {
 }
 
 /// A channel: what it serves and how it got there.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Channel {
     /// Its name.
     pub name: String,
@@ -109,6 +116,25 @@ pub struct Channel {
     pub current: Manifest,
     /// Newest first.
     pub history: Vec<ChannelEvent>,
+}
+
+/// An experiment whose arms are bundles, as the registry keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ExperimentRecord {
+    /// Its name.
+    pub name: String,
+    /// The channel it runs on.
+    pub channel: String,
+    /// Its assignment salt.
+    pub salt: String,
+    /// The arms; the first is the control.
+    pub variants: Vec<crate::publish::ManifestVariant>,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds, once stopped.
+    pub stopped_at: Option<i64>,
+    /// The arm that serves everyone after the stop.
+    pub winner: Option<String>,
 }
 
 /// Where an ingested event came from.
@@ -146,13 +172,14 @@ pub struct NewEvent {
 }
 
 /// A stored event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StoredEvent {
     /// Its sequence number (ascending in arrival order; page with `after`).
     pub sequence: i64,
     /// Unix milliseconds when it was stored.
     pub received_at_ms: i64,
     /// The event as sent.
+    #[schema(value_type = Object)]
     pub event: serde_json::Value,
 }
 
@@ -203,6 +230,11 @@ CREATE INDEX IF NOT EXISTS events_by_request ON events(request_id);
 CREATE TABLE IF NOT EXISTS data_versions (
     sha256 TEXT PRIMARY KEY,
     registered_at INTEGER NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS experiments (
+    name TEXT PRIMARY KEY,
+    created_at INTEGER NOT NULL,
     record TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS runs (
@@ -407,10 +439,11 @@ impl Registry {
             .map(|(id, action, manifest)| {
                 Ok(ChannelEvent {
                     id,
-                    action: if action == "rollback" {
-                        ChannelAction::Rollback
-                    } else {
-                        ChannelAction::Publish
+                    action: match action.as_str() {
+                        "rollback" => ChannelAction::Rollback,
+                        "start_experiment" => ChannelAction::StartExperiment,
+                        "stop_experiment" => ChannelAction::StopExperiment,
+                        _ => ChannelAction::Publish,
                     },
                     manifest: serde_json::from_str(&manifest)?,
                 })
@@ -444,17 +477,18 @@ impl Registry {
             .collect()
     }
 
-    /// What a rollback of `channel` restores: publishes push onto the channel's stack,
-    /// rollbacks pop it, and the target is the entry below the top. `None` when the
-    /// channel has fewer than two entries.
+    /// What a rollback of `channel` restores: every manifest written (publishes,
+    /// experiments started or stopped) pushes onto the channel's stack, rollbacks pop it,
+    /// and the target is the entry below the top. `None` when the channel has fewer than
+    /// two entries.
     pub fn rollback_target(&self, channel: &str) -> Result<Option<Manifest>> {
         let mut stack: Vec<Manifest> = Vec::new();
         for event in self.channel_events(channel)? {
             match event.action {
-                ChannelAction::Publish => stack.push(event.manifest),
                 ChannelAction::Rollback => {
                     stack.pop();
                 }
+                _ => stack.push(event.manifest),
             }
         }
         Ok(stack
@@ -564,6 +598,43 @@ impl Registry {
             ],
         )?;
         Ok(())
+    }
+
+    /// Records a new experiment; `false` when the name is taken.
+    pub fn add_experiment(&self, experiment: &ExperimentRecord) -> Result<bool> {
+        let inserted = self.lock().execute(
+            "INSERT OR IGNORE INTO experiments (name, created_at, record) VALUES (?1, ?2, ?3)",
+            params![
+                experiment.name,
+                experiment.created_at,
+                serde_json::to_string(experiment)?
+            ],
+        )?;
+        Ok(inserted == 1)
+    }
+
+    /// Replaces an experiment's record (when it stops).
+    pub fn save_experiment(&self, experiment: &ExperimentRecord) -> Result<()> {
+        self.lock().execute(
+            "UPDATE experiments SET record = ?2 WHERE name = ?1",
+            params![experiment.name, serde_json::to_string(experiment)?],
+        )?;
+        Ok(())
+    }
+
+    /// An experiment.
+    pub fn experiment(&self, name: &str) -> Result<Option<ExperimentRecord>> {
+        Ok(self
+            .json_rows("SELECT record FROM experiments WHERE name = ?1", [name])?
+            .pop())
+    }
+
+    /// Every experiment, newest first.
+    pub fn experiments(&self) -> Result<Vec<ExperimentRecord>> {
+        self.json_rows(
+            "SELECT record FROM experiments ORDER BY created_at DESC, name",
+            [],
+        )
     }
 
     /// A run.
@@ -722,6 +793,7 @@ mod tests {
             bundle: record.artifact(),
             profiles: None,
             published_at: at,
+            experiment: None,
         }
     }
 

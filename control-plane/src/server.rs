@@ -117,6 +117,15 @@ impl ApiError {
     }
 }
 
+/// Every error's body.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// Machine-readable: invalid_request, unauthorized, payload_too_large, ...
+    pub code: String,
+    /// What is wrong, for a person.
+    pub message: String,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
@@ -124,7 +133,10 @@ impl IntoResponse for ApiError {
         }
         (
             self.status,
-            Json(json!({"code": self.code, "message": self.message})),
+            Json(ErrorBody {
+                code: self.code.to_owned(),
+                message: self.message,
+            }),
         )
             .into_response()
     }
@@ -227,6 +239,8 @@ pub fn router(control_plane: Arc<ControlPlane>) -> Router {
         .route("/runs/{id}", get(show_run))
         .route("/runs/{id}/log", get(run_log))
         .route("/data-versions", get(list_data_versions))
+        .route("/experiments", get(list_experiments).post(start_experiment))
+        .route("/experiments/{name}/stop", post(stop_experiment))
         .route("/experiments/{name}/analysis", get(analyze_experiment))
         .route("/online-metrics", get(online_metrics))
         .route("/feedback/merge", post(merge_feedback))
@@ -245,6 +259,7 @@ pub fn router(control_plane: Arc<ControlPlane>) -> Router {
         ));
     Router::new()
         .route("/health", get(health))
+        .route("/openapi.json", get(openapi_document))
         .route("/store/{*key}", get(read_store))
         .merge(protected)
         .fallback(not_found)
@@ -324,6 +339,8 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     )
 }
 
+#[utoipa::path(get, path = "/health", tag = "service",
+    responses((status = 200, description = "Status, the store and each channel's model version", body = serde_json::Value)))]
 async fn health(
     State(control_plane): State<Arc<ControlPlane>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -355,6 +372,12 @@ fn public_key(key: &str) -> Option<CachePolicy> {
     }
 }
 
+#[utoipa::path(get, path = "/store/{key}", tag = "store",
+    params(("key" = String, Path, description = "manifests/<channel>.json, bundles/<sha256>.bundle or profiles/<sha256>.msgpack")),
+    responses(
+        (status = 200, description = "The object, with Cache-Control and ETag", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 304, description = "Not modified (If-None-Match)"),
+        (status = 404, description = "Not a published key, or not in the store", body = ErrorBody)))]
 async fn read_store(
     State(control_plane): State<Arc<ControlPlane>>,
     key: Result<Path<String>, PathRejection>,
@@ -398,12 +421,17 @@ async fn read_store(
     Ok(response)
 }
 
+#[utoipa::path(get, path = "/bundles", tag = "registry", security(("bearer" = [])),
+    responses((status = 200, description = "Registered bundles, newest first", body = Vec<BundleRecord>), (status = 400, description = "Invalid request", body = ErrorBody), (status = 401, description = "No or wrong bearer token", body = ErrorBody)))]
 async fn list_bundles(
     State(control_plane): State<Arc<ControlPlane>>,
 ) -> Result<Json<Vec<BundleRecord>>, ApiError> {
     Ok(Json(control_plane.registry(|r| r.bundles()).await?))
 }
 
+#[utoipa::path(get, path = "/bundles/{sha256}", tag = "registry", security(("bearer" = [])),
+    params(("sha256" = String, Path, description = "The bundle's sha256")),
+    responses((status = 200, description = "The bundle", body = BundleRecord), (status = 404, description = "Not registered", body = ErrorBody), (status = 400, description = "Invalid request", body = ErrorBody), (status = 401, description = "No or wrong bearer token", body = ErrorBody)))]
 async fn show_bundle(
     State(control_plane): State<Arc<ControlPlane>>,
     sha256: Result<Path<String>, PathRejection>,
@@ -423,6 +451,10 @@ async fn show_bundle(
         })
 }
 
+#[utoipa::path(post, path = "/bundles", tag = "registry", security(("bearer" = [])),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The bundle file"),
+    responses((status = 201, description = "Stored and registered", body = BundleRecord), (status = 200, description = "Registered already", body = BundleRecord),
+        (status = 413, description = "Over --max-artifact-mb", body = ErrorBody), (status = 502, description = "The store failed", body = ErrorBody), (status = 400, description = "Invalid request", body = ErrorBody), (status = 401, description = "No or wrong bearer token", body = ErrorBody)))]
 async fn upload_bundle(
     State(control_plane): State<Arc<ControlPlane>>,
     body: Result<Bytes, BytesRejection>,
@@ -450,6 +482,10 @@ async fn upload_bundle(
     }
 }
 
+#[utoipa::path(post, path = "/profiles", tag = "registry", security(("bearer" = [])),
+    request_body(content = Vec<u8>, content_type = "application/msgpack", description = "A profiles artifact: MessagePack {format: 1, users}"),
+    responses((status = 201, description = "Stored and registered", body = ProfilesRecord), (status = 200, description = "Registered already", body = ProfilesRecord),
+        (status = 413, description = "Over --max-artifact-mb", body = ErrorBody), (status = 400, description = "Invalid request", body = ErrorBody), (status = 401, description = "No or wrong bearer token", body = ErrorBody)))]
 async fn upload_profiles(
     State(control_plane): State<Arc<ControlPlane>>,
     body: Result<Bytes, BytesRejection>,
@@ -477,6 +513,8 @@ async fn upload_profiles(
     Ok((status, Json(record)))
 }
 
+#[utoipa::path(get, path = "/channels", tag = "channels", security(("bearer" = [])),
+    responses((status = 200, description = "Each channel's current manifest", body = Vec<Manifest>), (status = 400, description = "Invalid request", body = ErrorBody), (status = 401, description = "No or wrong bearer token", body = ErrorBody)))]
 async fn list_channels(
     State(control_plane): State<Arc<ControlPlane>>,
 ) -> Result<Json<Vec<Manifest>>, ApiError> {
@@ -489,6 +527,9 @@ fn channel_name(name: Result<Path<String>, PathRejection>) -> Result<String, Api
     Ok(name)
 }
 
+#[utoipa::path(get, path = "/channels/{name}", tag = "channels", security(("bearer" = [])),
+    params(("name" = String, Path, description = "Channel name: 1-64 of a-z, 0-9, -")),
+    responses((status = 200, description = "The channel and its history, newest first", body = crate::registry::Channel), (status = 404, description = "Nothing published", body = ErrorBody), (status = 400, description = "Invalid request", body = ErrorBody), (status = 401, description = "No or wrong bearer token", body = ErrorBody)))]
 async fn show_channel(
     State(control_plane): State<Arc<ControlPlane>>,
     name: Result<Path<String>, PathRejection>,
@@ -508,7 +549,7 @@ async fn show_channel(
 }
 
 /// `POST /channels/{name}/publish`.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PublishRequest {
     /// The sha256 of a registered bundle.
@@ -519,7 +560,7 @@ pub struct PublishRequest {
 }
 
 /// What a publish or rollback wrote.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ChannelWrite {
     /// The registry's event id.
     pub event: i64,
@@ -555,6 +596,11 @@ async fn write_channel(
     manifest: Manifest,
 ) -> Result<Json<ChannelWrite>, ApiError> {
     check_in_store(&control_plane.store, &manifest.bundle).await?;
+    if let Some(experiment) = &manifest.experiment {
+        for variant in &experiment.variants {
+            check_in_store(&control_plane.store, &variant.bundle).await?;
+        }
+    }
     if let Some(profiles) = &manifest.profiles {
         check_in_store(&control_plane.store, profiles).await?;
     }
@@ -571,6 +617,12 @@ async fn write_channel(
     }))
 }
 
+#[utoipa::path(post, path = "/channels/{name}/publish", tag = "channels", security(("bearer" = [])),
+    params(("name" = String, Path, description = "Channel name")),
+    request_body = PublishRequest,
+    responses((status = 200, description = "The manifest written", body = ChannelWrite),
+        (status = 404, description = "Bundle or profiles not registered", body = ErrorBody),
+        (status = 409, description = "The store no longer holds the artifact", body = ErrorBody), (status = 400, description = "Invalid request", body = ErrorBody), (status = 401, description = "No or wrong bearer token", body = ErrorBody)))]
 async fn publish_channel(
     State(control_plane): State<Arc<ControlPlane>>,
     name: Result<Path<String>, PathRejection>,
@@ -622,11 +674,16 @@ async fn publish_channel(
         bundle: bundle.artifact(),
         profiles,
         published_at: now_seconds(),
+        experiment: None,
     };
     let _one_at_a_time = control_plane.channel_writes.lock().await;
     write_channel(&control_plane, ChannelAction::Publish, manifest).await
 }
 
+#[utoipa::path(post, path = "/channels/{name}/rollback", tag = "channels", security(("bearer" = [])),
+    params(("name" = String, Path, description = "Channel name")),
+    responses((status = 200, description = "The manifest written (the bundle before the current one)", body = ChannelWrite),
+        (status = 409, description = "Nothing to roll back to", body = ErrorBody), (status = 400, description = "Invalid request", body = ErrorBody), (status = 401, description = "No or wrong bearer token", body = ErrorBody)))]
 async fn rollback_channel(
     State(control_plane): State<Arc<ControlPlane>>,
     name: Result<Path<String>, PathRejection>,
@@ -648,7 +705,8 @@ async fn rollback_channel(
     write_channel(&control_plane, ChannelAction::Rollback, manifest).await
 }
 
-#[derive(Serialize)]
+/// What an ingest batch did.
+#[derive(Serialize, utoipa::ToSchema)]
 struct IngestAnswer {
     accepted: usize,
     duplicates: usize,
@@ -683,6 +741,11 @@ async fn ingest(
     }))
 }
 
+#[utoipa::path(post, path = "/ingest/inferences", tag = "ingest", security(("bearer" = [])),
+    request_body(content = Vec<crate::ingest::InferenceEvent>, description = "NDJSON (application/x-ndjson), a JSON array or a MessagePack array (application/msgpack), at most 10,000 events",
+        content_type = "application/x-ndjson"),
+    responses((status = 200, description = "On disk", body = IngestAnswer), (status = 413, description = "Over --max-body-mb", body = ErrorBody),
+        (status = 415, description = "Unknown encoding", body = ErrorBody), (status = 400, description = "Invalid request", body = ErrorBody), (status = 401, description = "No or wrong bearer token", body = ErrorBody)))]
 async fn ingest_inferences(
     State(control_plane): State<Arc<ControlPlane>>,
     headers: HeaderMap,
@@ -691,6 +754,11 @@ async fn ingest_inferences(
     ingest(&control_plane, EventKind::Inference, &headers, body).await
 }
 
+#[utoipa::path(post, path = "/ingest/interactions", tag = "ingest", security(("bearer" = [])),
+    request_body(content = Vec<crate::ingest::InteractionEvent>, description = "NDJSON (application/x-ndjson), a JSON array or a MessagePack array (application/msgpack), at most 10,000 events",
+        content_type = "application/x-ndjson"),
+    responses((status = 200, description = "On disk", body = IngestAnswer), (status = 413, description = "Over --max-body-mb", body = ErrorBody),
+        (status = 415, description = "Unknown encoding", body = ErrorBody), (status = 400, description = "Invalid request", body = ErrorBody), (status = 401, description = "No or wrong bearer token", body = ErrorBody)))]
 async fn ingest_interactions(
     State(control_plane): State<Arc<ControlPlane>>,
     headers: HeaderMap,
@@ -699,10 +767,13 @@ async fn ingest_interactions(
     ingest(&control_plane, EventKind::Interaction, &headers, body).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct Page {
+    /// Events after this sequence number.
     #[serde(default)]
     after: i64,
+    /// Events per page, 1-10000 (1000).
     #[serde(default = "default_page")]
     limit: usize,
 }
@@ -734,6 +805,8 @@ async fn list_events(
     ))
 }
 
+#[utoipa::path(get, path = "/ingest/inferences", tag = "ingest", security(("bearer" = [])), params(Page),
+    responses((status = 200, description = "{total, next_after, events}", body = EventPage), (status = 400, description = "Invalid request", body = ErrorBody), (status = 401, description = "No or wrong bearer token", body = ErrorBody)))]
 async fn list_inferences(
     State(control_plane): State<Arc<ControlPlane>>,
     page: Result<Query<Page>, QueryRejection>,
@@ -741,6 +814,8 @@ async fn list_inferences(
     list_events(&control_plane, EventKind::Inference, page).await
 }
 
+#[utoipa::path(get, path = "/ingest/interactions", tag = "ingest", security(("bearer" = [])), params(Page),
+    responses((status = 200, description = "{total, next_after, events}", body = EventPage), (status = 400, description = "Invalid request", body = ErrorBody), (status = 401, description = "No or wrong bearer token", body = ErrorBody)))]
 async fn list_interactions(
     State(control_plane): State<Arc<ControlPlane>>,
     page: Result<Query<Page>, QueryRejection>,
@@ -749,7 +824,7 @@ async fn list_interactions(
 }
 
 /// `POST /runs`.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunRequest {
     /// The data set folder on the control plane's machine.
@@ -765,6 +840,9 @@ pub struct RunRequest {
     pub title_model: Option<String>,
 }
 
+#[utoipa::path(post, path = "/runs", tag = "pipeline", security(("bearer" = [])),
+    request_body = RunRequest,
+    responses((status = 202, description = "Queued and started", body = RunRecord), (status = 409, description = "A run is queued or running", body = ErrorBody), (status = 400, description = "Invalid request", body = ErrorBody), (status = 401, description = "No or wrong bearer token", body = ErrorBody)))]
 async fn start_run(
     State(control_plane): State<Arc<ControlPlane>>,
     request: Result<Json<RunRequest>, JsonRejection>,
@@ -870,6 +948,8 @@ fn spawn_run(control_plane: &Arc<ControlPlane>, id: &str) -> Result<(), ApiError
     Ok(())
 }
 
+#[utoipa::path(get, path = "/runs", tag = "pipeline", security(("bearer" = [])),
+    responses((status = 200, description = "Runs, newest first", body = Vec<RunRecord>), (status = 400, description = "Invalid request", body = ErrorBody), (status = 401, description = "No or wrong bearer token", body = ErrorBody)))]
 async fn list_runs(
     State(control_plane): State<Arc<ControlPlane>>,
 ) -> Result<Json<Vec<RunRecord>>, ApiError> {
@@ -885,6 +965,9 @@ fn run_id(id: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     }
 }
 
+#[utoipa::path(get, path = "/runs/{id}", tag = "pipeline", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Run id")),
+    responses((status = 200, description = "The run", body = RunRecord), (status = 404, description = "No such run", body = ErrorBody), (status = 400, description = "Invalid request", body = ErrorBody), (status = 401, description = "No or wrong bearer token", body = ErrorBody)))]
 async fn show_run(
     State(control_plane): State<Arc<ControlPlane>>,
     id: Result<Path<String>, PathRejection>,
@@ -899,6 +982,9 @@ async fn show_run(
 }
 
 /// The last 64 KiB of a run's output.
+#[utoipa::path(get, path = "/runs/{id}/log", tag = "pipeline", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Run id")),
+    responses((status = 200, description = "The last 64 KiB of the run's output", content_type = "text/plain", body = String), (status = 404, description = "No such run", body = ErrorBody), (status = 400, description = "Invalid request", body = ErrorBody), (status = 401, description = "No or wrong bearer token", body = ErrorBody)))]
 async fn run_log(
     State(control_plane): State<Arc<ControlPlane>>,
     id: Result<Path<String>, PathRejection>,
@@ -916,16 +1002,21 @@ async fn run_log(
         .into_response())
 }
 
+#[utoipa::path(get, path = "/data-versions", tag = "pipeline", security(("bearer" = [])),
+    responses((status = 200, description = "Data versions, newest first", body = Vec<crate::pipeline::DataVersion>), (status = 400, description = "Invalid request", body = ErrorBody), (status = 401, description = "No or wrong bearer token", body = ErrorBody)))]
 async fn list_data_versions(
     State(control_plane): State<Arc<ControlPlane>>,
 ) -> Result<Json<Vec<crate::pipeline::DataVersion>>, ApiError> {
     Ok(Json(control_plane.registry(|r| r.data_versions()).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct AnalysisParams {
+    /// The control arm ("control", else the first by name).
     control: Option<String>,
+    /// Impressions an arm needs for a conclusive comparison (1000).
     #[serde(default = "default_min_sample")]
     min_sample: u64,
 }
@@ -934,6 +1025,9 @@ fn default_min_sample() -> u64 {
     1000
 }
 
+#[utoipa::path(get, path = "/experiments/{name}/analysis", tag = "experiments", security(("bearer" = [])),
+    params(("name" = String, Path, description = "The experiment, as the bundle names it"), AnalysisParams),
+    responses((status = 200, description = "Per arm outcomes and tests against the control", body = crate::experiments::Analysis), (status = 400, description = "Invalid request", body = ErrorBody), (status = 401, description = "No or wrong bearer token", body = ErrorBody)))]
 async fn analyze_experiment(
     State(control_plane): State<Arc<ControlPlane>>,
     name: Result<Path<String>, PathRejection>,
@@ -959,6 +1053,8 @@ async fn analyze_experiment(
 }
 
 /// Impressions, clicks, CTR and watch rate per model version, from the ingested events.
+#[utoipa::path(get, path = "/online-metrics", tag = "experiments", security(("bearer" = [])),
+    responses((status = 200, description = "Impressions, clicks, CTR and watch rate per model version", body = Vec<serde_json::Value>), (status = 400, description = "Invalid request", body = ErrorBody), (status = 401, description = "No or wrong bearer token", body = ErrorBody)))]
 async fn online_metrics(
     State(control_plane): State<Arc<ControlPlane>>,
 ) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
@@ -977,13 +1073,18 @@ async fn online_metrics(
 }
 
 /// `POST /feedback/merge`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct MergeRequest {
+    /// The data set the events are about.
     base: String,
+    /// The new data set's folder (must not exist).
     out: String,
 }
 
+#[utoipa::path(post, path = "/feedback/merge", tag = "feedback", security(("bearer" = [])),
+    request_body = MergeRequest,
+    responses((status = 201, description = "The merged data set", body = crate::feedback::MergeReport), (status = 409, description = "The output folder exists", body = ErrorBody), (status = 400, description = "Invalid request", body = ErrorBody), (status = 401, description = "No or wrong bearer token", body = ErrorBody)))]
 async fn merge_feedback(
     State(control_plane): State<Arc<ControlPlane>>,
     request: Result<Json<MergeRequest>, JsonRejection>,
@@ -1013,18 +1114,25 @@ async fn merge_feedback(
     Ok((StatusCode::CREATED, Json(report)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct DriftParams {
+    /// The training data set [default: the channel's bundle's, from its lineage].
     data: Option<String>,
+    /// Only requests served by this model version [default: the channel's].
     model_version: Option<String>,
+    /// The channel (production).
     channel: Option<String>,
+    /// PSI above which a feature alerts (0.2).
     threshold: Option<f64>,
 }
 
 /// Serving features against training's: the data set is `data`, or the one the
 /// channel's bundle was trained on (its lineage), and the requests are those served by
 /// `model_version`, or by the channel's current model.
+#[utoipa::path(get, path = "/drift", tag = "feedback", security(("bearer" = [])), params(DriftParams),
+    responses((status = 200, description = "PSI per viewer feature", body = crate::drift::DriftReport), (status = 400, description = "Invalid request", body = ErrorBody), (status = 401, description = "No or wrong bearer token", body = ErrorBody)))]
 async fn drift(
     State(control_plane): State<Arc<ControlPlane>>,
     params: Result<Query<DriftParams>, QueryRejection>,
@@ -1097,6 +1205,331 @@ async fn drift(
     .await
     .map_err(|e| ApiError::internal(format!("drift task: {e}")))??;
     Ok(Json(report))
+}
+
+/// `POST /experiments`: arms that are bundles, on a channel.
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentRequest {
+    /// 1-64 of a-z, 0-9, '-', '_'.
+    pub name: String,
+    /// The channel whose hosts run it.
+    pub channel: String,
+    /// The assignment salt [default: the name and the start time].
+    #[serde(default)]
+    pub salt: Option<String>,
+    /// 2-10 arms; the first is the control.
+    pub variants: Vec<VariantRequest>,
+}
+
+/// One arm of `POST /experiments`.
+#[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VariantRequest {
+    /// Same rules as the experiment's name.
+    pub name: String,
+    /// The sha256 of a registered bundle.
+    pub bundle: String,
+    /// Its traffic share relative to the others' (0-10000; at least one positive).
+    pub weight: u32,
+}
+
+/// `POST /experiments/{name}/stop`.
+#[derive(Debug, Default, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StopRequest {
+    /// The arm whose bundle serves everyone afterwards [default: the control].
+    #[serde(default)]
+    pub winner: Option<String>,
+}
+
+/// An experiment with whether its channel runs it now.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ExperimentState {
+    /// The record.
+    #[serde(flatten)]
+    pub record: crate::registry::ExperimentRecord,
+    /// Its channel's current manifest carries it.
+    pub running: bool,
+}
+
+fn is_experiment_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+#[utoipa::path(get, path = "/experiments", tag = "experiments", security(("bearer" = [])),
+    responses((status = 200, description = "Experiments whose arms are bundles, newest first", body = Vec<ExperimentState>),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody)))]
+async fn list_experiments(
+    State(control_plane): State<Arc<ControlPlane>>,
+) -> Result<Json<Vec<ExperimentState>>, ApiError> {
+    let states = control_plane
+        .registry(|r| {
+            let channels = r.channels()?;
+            Ok(r.experiments()?
+                .into_iter()
+                .map(|record| {
+                    let running = channels.iter().any(|manifest| {
+                        manifest.channel == record.channel
+                            && manifest
+                                .experiment
+                                .as_ref()
+                                .is_some_and(|e| e.name == record.name)
+                    });
+                    ExperimentState { record, running }
+                })
+                .collect())
+        })
+        .await?;
+    Ok(Json(states))
+}
+
+#[utoipa::path(post, path = "/experiments", tag = "experiments", security(("bearer" = [])),
+    request_body = ExperimentRequest,
+    responses((status = 201, description = "Started: the channel's manifest names every arm's bundle", body = ChannelWrite),
+        (status = 404, description = "A bundle is not registered", body = ErrorBody),
+        (status = 409, description = "The name is taken", body = ErrorBody),
+        (status = 400, description = "Invalid request", body = ErrorBody), (status = 401, description = "No or wrong bearer token", body = ErrorBody)))]
+async fn start_experiment(
+    State(control_plane): State<Arc<ControlPlane>>,
+    request: Result<Json<ExperimentRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<ChannelWrite>), ApiError> {
+    let Json(request) = request?;
+    if !is_experiment_name(&request.name) {
+        return Err(ApiError::bad_request(format!(
+            "experiment name {:?}: use 1-64 of a-z, 0-9, '-' and '_'",
+            request.name
+        )));
+    }
+    check_channel(&request.channel).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if !(2..=10).contains(&request.variants.len()) {
+        return Err(ApiError::bad_request("an experiment has 2-10 variants"));
+    }
+    for (index, variant) in request.variants.iter().enumerate() {
+        if !is_experiment_name(&variant.name) {
+            return Err(ApiError::bad_request(format!(
+                "variants[{index}].name {:?}: use 1-64 of a-z, 0-9, '-' and '_'",
+                variant.name
+            )));
+        }
+        if request.variants[..index]
+            .iter()
+            .any(|v| v.name == variant.name)
+        {
+            return Err(ApiError::bad_request(format!(
+                "variants[{index}].name {:?} appears twice",
+                variant.name
+            )));
+        }
+        if variant.weight > 10_000 {
+            return Err(ApiError::bad_request(format!(
+                "variants[{index}].weight {} is above 10000",
+                variant.weight
+            )));
+        }
+        check_sha256(&format!("variants[{index}].bundle"), &variant.bundle)?;
+    }
+    if request.variants.iter().all(|v| v.weight == 0) {
+        return Err(ApiError::bad_request(
+            "at least one variant needs a positive weight",
+        ));
+    }
+    let mut variants = Vec::new();
+    for variant in &request.variants {
+        let wanted = variant.bundle.clone();
+        let bundle = control_plane
+            .registry(move |r| r.bundle(&wanted))
+            .await?
+            .ok_or_else(|| {
+                ApiError::not_found(
+                    "unknown_bundle",
+                    format!(
+                        "bundle {} of variant {} is not registered; upload it with POST /bundles first",
+                        variant.bundle, variant.name
+                    ),
+                )
+            })?;
+        check_in_store(&control_plane.store, &bundle.artifact()).await?;
+        variants.push(crate::publish::ManifestVariant {
+            name: variant.name.clone(),
+            weight: variant.weight,
+            model_version: bundle.model_version.clone(),
+            bundle: bundle.artifact(),
+        });
+    }
+    let now = now_seconds();
+    let record = crate::registry::ExperimentRecord {
+        name: request.name.clone(),
+        channel: request.channel.clone(),
+        salt: request
+            .salt
+            .clone()
+            .unwrap_or_else(|| format!("{}-{now}", request.name)),
+        variants,
+        created_at: now,
+        stopped_at: None,
+        winner: None,
+    };
+    let _one_at_a_time = control_plane.channel_writes.lock().await;
+    let wanted = request.name.clone();
+    if control_plane
+        .registry(move |r| r.experiment(&wanted))
+        .await?
+        .is_some()
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "experiment_exists",
+            format!(
+                "an experiment named {} exists; pick a new name",
+                request.name
+            ),
+        ));
+    }
+    let channel = request.channel.clone();
+    let current = control_plane.registry(move |r| r.channel(&channel)).await?;
+    let control = &record.variants[0];
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        channel: record.channel.clone(),
+        model_version: control.model_version.clone(),
+        bundle: control.bundle.clone(),
+        profiles: current.and_then(|c| c.current.profiles),
+        published_at: now,
+        experiment: Some(crate::publish::ManifestExperiment {
+            name: record.name.clone(),
+            salt: record.salt.clone(),
+            variants: record.variants.clone(),
+        }),
+    };
+    let written = write_channel(&control_plane, ChannelAction::StartExperiment, manifest).await?;
+    let to_add = record.clone();
+    control_plane
+        .registry(move |r| r.add_experiment(&to_add))
+        .await?;
+    Ok((StatusCode::CREATED, written))
+}
+
+#[utoipa::path(post, path = "/experiments/{name}/stop", tag = "experiments", security(("bearer" = [])),
+    params(("name" = String, Path, description = "The experiment")),
+    request_body = StopRequest,
+    responses((status = 200, description = "Stopped: the winner's bundle serves everyone", body = ChannelWrite),
+        (status = 404, description = "No such experiment", body = ErrorBody),
+        (status = 409, description = "Its channel does not run it", body = ErrorBody),
+        (status = 400, description = "Invalid request", body = ErrorBody), (status = 401, description = "No or wrong bearer token", body = ErrorBody)))]
+async fn stop_experiment(
+    State(control_plane): State<Arc<ControlPlane>>,
+    name: Result<Path<String>, PathRejection>,
+    request: Result<Json<StopRequest>, JsonRejection>,
+) -> Result<Json<ChannelWrite>, ApiError> {
+    let Path(name) = name?;
+    let Json(request) = request?;
+    let _one_at_a_time = control_plane.channel_writes.lock().await;
+    let wanted = name.clone();
+    let mut record = control_plane
+        .registry(move |r| r.experiment(&wanted))
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found("unknown_experiment", format!("no experiment {name}"))
+        })?;
+    let channel = record.channel.clone();
+    let current = control_plane
+        .registry(move |r| r.channel(&channel))
+        .await?
+        .map(|c| c.current)
+        .filter(|manifest| manifest.experiment.as_ref().is_some_and(|e| e.name == name))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "not_running",
+                format!("{} does not run experiment {name} now", record.channel),
+            )
+        })?;
+    let winner = match &request.winner {
+        Some(arm) => record
+            .variants
+            .iter()
+            .find(|v| &v.name == arm)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("experiment {name} has no arm {arm:?}"))
+            })?,
+        None => &record.variants[0],
+    }
+    .clone();
+    let manifest = Manifest {
+        model_version: winner.model_version.clone(),
+        bundle: winner.bundle.clone(),
+        published_at: now_seconds(),
+        experiment: None,
+        ..current
+    };
+    let written = write_channel(&control_plane, ChannelAction::StopExperiment, manifest).await?;
+    record.stopped_at = Some(now_seconds());
+    record.winner = Some(winner.name);
+    let saved = record.clone();
+    control_plane
+        .registry(move |r| r.save_experiment(&saved))
+        .await?;
+    Ok(written)
+}
+
+/// A page of stored events (for the OpenAPI document; the handler builds it as JSON).
+#[derive(Serialize, utoipa::ToSchema)]
+struct EventPage {
+    /// Events of the kind stored in all.
+    total: u64,
+    /// Pass as `after` for the next page.
+    next_after: i64,
+    /// Oldest first.
+    events: Vec<crate::registry::StoredEvent>,
+}
+
+/// The REST API's OpenAPI document, generated from the handlers' annotations.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "edgerec control plane", description = "Registry, channels, store, ingest, pipeline runs, experiments, feedback and drift. Errors are {code, message}."),
+    paths(
+        health, read_store, list_bundles, show_bundle, upload_bundle, upload_profiles,
+        list_channels, show_channel, publish_channel, rollback_channel,
+        ingest_inferences, ingest_interactions, list_inferences, list_interactions,
+        start_run, list_runs, show_run, run_log, list_data_versions,
+        list_experiments, start_experiment, stop_experiment,
+        analyze_experiment, online_metrics, merge_feedback, drift, openapi_document
+    ),
+    modifiers(&BearerToken),
+)]
+pub struct ApiDoc;
+
+struct BearerToken;
+
+impl utoipa::Modify for BearerToken {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+    }
+}
+
+#[utoipa::path(get, path = "/openapi.json", tag = "service",
+    responses((status = 200, description = "This document", body = serde_json::Value)))]
+async fn openapi_document() -> Response {
+    use utoipa::OpenApi;
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        ApiDoc::openapi()
+            .to_pretty_json()
+            .expect("the OpenAPI document serializes"),
+    )
+        .into_response()
 }
 
 /// The key a channel's manifest is served at, for printing.

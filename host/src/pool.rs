@@ -102,12 +102,79 @@ pub struct Served {
     pub replaced_instance: bool,
 }
 
+/// An experiment whose arms are generations.
+#[derive(Debug)]
+pub struct Arms {
+    /// Its name.
+    pub name: String,
+    /// Its assignment salt.
+    pub salt: String,
+    /// (arm name, weight, generation); the first is the control.
+    pub arms: Vec<(String, u32, Arc<Generation>)>,
+}
+
+/// An experiment arm a request was routed to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArmName {
+    /// The manifest's experiment.
+    pub experiment: String,
+    /// The arm.
+    pub variant: String,
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone)]
+pub struct Routed {
+    /// The generation that answers.
+    pub generation: Arc<Generation>,
+    /// The arm, when a manifest experiment runs and the viewer is known.
+    pub arm: Option<ArmName>,
+}
+
+/// Buckets of the assignment hash; the module's experiments use the same.
+const BUCKETS: u64 = 10_000;
+
+impl Arms {
+    /// The arm of `user_id`: the hash of (salt, 0, decimal id) into 10,000 buckets
+    /// split by weight, exactly as the module assigns its own experiments (edge's
+    /// `Experiment::assign`), so every runtime puts a viewer in the same arm.
+    pub fn assign(&self, user_id: u64) -> &(String, u32, Arc<Generation>) {
+        let user = user_id.to_string();
+        let mut key = Vec::with_capacity(self.salt.len() + 1 + user.len());
+        key.extend_from_slice(self.salt.as_bytes());
+        key.push(0);
+        key.extend_from_slice(user.as_bytes());
+        let bucket = xxhash_rust::xxh3::xxh3_64(&key) % BUCKETS;
+        let total: u64 = self.arms.iter().map(|(_, w, _)| u64::from(*w)).sum();
+        let mut upper = 0u64;
+        for arm in &self.arms {
+            upper += u64::from(arm.1);
+            if bucket * total < upper * BUCKETS {
+                return arm;
+            }
+        }
+        self.arms
+            .iter()
+            .rev()
+            .find(|(_, w, _)| *w > 0)
+            .unwrap_or(&self.arms[0])
+    }
+}
+
+/// What serves: one generation, or an experiment's arms (with the control as the
+/// generation anonymous viewers get).
+#[derive(Debug, Default)]
+struct Serving {
+    current: Option<Arc<Generation>>,
+    arms: Option<Arc<Arms>>,
+}
+
 /// The current generation and the module that makes instances.
 pub struct Pool {
     module: Arc<EdgeModule>,
     limits: Limits,
     instances: usize,
-    current: RwLock<Option<Arc<Generation>>>,
+    serving: RwLock<Serving>,
 }
 
 impl Pool {
@@ -117,13 +184,39 @@ impl Pool {
             module,
             limits,
             instances: instances.max(1),
-            current: RwLock::new(None),
+            serving: RwLock::new(Serving::default()),
         }
     }
 
-    /// The generation serving now.
+    /// The generation serving now (an experiment's control).
     pub fn current(&self) -> Option<Arc<Generation>> {
-        self.current.read().expect("pool lock").clone()
+        self.serving.read().expect("pool lock").current.clone()
+    }
+
+    /// The experiment whose arms serve now, if any.
+    pub fn arms(&self) -> Option<Arc<Arms>> {
+        self.serving.read().expect("pool lock").arms.clone()
+    }
+
+    /// The generation that serves `user`: its arm's when an experiment runs.
+    pub fn generation_for(&self, user: Option<u64>) -> Option<Routed> {
+        let serving = self.serving.read().expect("pool lock");
+        match (&serving.arms, user) {
+            (Some(arms), Some(user)) => {
+                let (arm, _, generation) = arms.assign(user);
+                Some(Routed {
+                    generation: generation.clone(),
+                    arm: Some(ArmName {
+                        experiment: arms.name.clone(),
+                        variant: arm.clone(),
+                    }),
+                })
+            }
+            _ => serving.current.clone().map(|generation| Routed {
+                generation,
+                arm: None,
+            }),
+        }
     }
 
     /// Loads `bundle` (its sha256 already known: the store verified it, or the caller
@@ -143,18 +236,47 @@ impl Pool {
         .map_err(|e| LoadError::Instantiate(anyhow::anyhow!("the loading thread failed: {e}")))?
     }
 
-    /// Makes `generation` the one that serves; returns the one it replaced.
+    /// Makes `generation` the one that serves everyone (ending any experiment); returns
+    /// the one it replaced.
     pub fn swap(&self, generation: Generation) -> Option<Arc<Generation>> {
-        self.current
-            .write()
-            .expect("pool lock")
-            .replace(Arc::new(generation))
+        let mut serving = self.serving.write().expect("pool lock");
+        serving.arms = None;
+        serving.current.replace(Arc::new(generation))
     }
 
-    /// Runs one request on a free instance of the current generation, waiting for one
-    /// if all are busy. `None` when no bundle has been loaded yet.
-    pub async fn recommend(self: &Arc<Self>, request: Vec<u8>) -> Option<Served> {
-        let generation = self.current()?;
+    /// Makes an experiment's arms serve (the first arm's generation is the control);
+    /// returns the generation that served before.
+    pub fn swap_arms(&self, arms: Arms) -> Option<Arc<Generation>> {
+        let mut serving = self.serving.write().expect("pool lock");
+        let control = arms.arms[0].2.clone();
+        serving.arms = Some(Arc::new(arms));
+        serving.current.replace(control)
+    }
+
+    /// Makes a generation that already serves (an experiment's arm) serve everyone.
+    pub fn swap_shared(&self, generation: Arc<Generation>) -> Option<Arc<Generation>> {
+        let mut serving = self.serving.write().expect("pool lock");
+        serving.arms = None;
+        serving.current.replace(generation)
+    }
+
+    /// Every generation serving now (to reuse one whose bundle a new manifest names).
+    pub fn generations(&self) -> Vec<Arc<Generation>> {
+        let serving = self.serving.read().expect("pool lock");
+        let mut all: Vec<Arc<Generation>> = serving.current.iter().cloned().collect();
+        if let Some(arms) = &serving.arms {
+            all.extend(arms.arms.iter().map(|(_, _, g)| g.clone()));
+        }
+        all
+    }
+
+    /// Runs one request on a free instance of `generation`, waiting for one if all are
+    /// busy.
+    pub async fn recommend_on(
+        self: &Arc<Self>,
+        generation: Arc<Generation>,
+        request: Vec<u8>,
+    ) -> Served {
         let permit = generation
             .slots
             .clone()
@@ -192,11 +314,18 @@ impl Pool {
         })
         .await;
         drop(permit);
-        Some(served.unwrap_or_else(|e| Served {
+        served.unwrap_or_else(|e| Served {
             result: Err(CallError::Trap(format!("the serving thread failed: {e}"))),
             generation: serving,
             replaced_instance: true,
-        }))
+        })
+    }
+
+    /// Runs one request on the current generation. `None` when no bundle has been
+    /// loaded yet.
+    pub async fn recommend(self: &Arc<Self>, request: Vec<u8>) -> Option<Served> {
+        let generation = self.current()?;
+        Some(self.recommend_on(generation, request).await)
     }
 
     fn fresh_instance(&self, generation: &Generation) -> anyhow::Result<EdgeInstance> {

@@ -273,11 +273,11 @@ fn profile_features(profile: &Profile) -> Value {
 async fn serve(host: &Host, request: &Value) -> Result<(Value, String), ApiError> {
     let bytes = rmp_serde::to_vec_named(request)
         .map_err(|e| ApiError::bad_request(format!("the request cannot be encoded: {e}")))?;
-    let served = host
+    let routed = host
         .pool
-        .recommend(bytes)
-        .await
+        .generation_for(request["user_id"].as_u64())
         .ok_or_else(ApiError::no_bundle)?;
+    let served = host.pool.recommend_on(routed.generation, bytes).await;
     if served.replaced_instance {
         host.metrics.traps.inc();
         tracing::error!(
@@ -295,6 +295,22 @@ async fn serve(host: &Host, request: &Value) -> Result<(Value, String), ApiError
             format!("the module's response is unreadable: {e}"),
         )
     })?;
+    if let Some(arm) = routed.arm
+        && let Some(metadata) = response.get_mut("metadata").and_then(Value::as_object_mut)
+    {
+        // The manifest's experiment names the arm; an experiment inside the bundle (its
+        // rules) keeps its own names beside it.
+        for (field, moved) in [
+            ("experiment", "rules_experiment"),
+            ("variant", "rules_variant"),
+        ] {
+            if let Some(value) = metadata.remove(field).filter(|v| !v.is_null()) {
+                metadata.insert(moved.into(), value);
+            }
+        }
+        metadata.insert("experiment".into(), Value::String(arm.experiment));
+        metadata.insert("variant".into(), Value::String(arm.variant));
+    }
     let items = response["recommendations"]
         .as_array()
         .map_or(0, |items| items.len());
@@ -337,7 +353,11 @@ async fn get_recommendations(
     let user = parse_user_id(&user_id)?;
     let Query(params) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let n = params.n.unwrap_or(20);
-    let bundle = host.pool.current().ok_or_else(ApiError::no_bundle)?;
+    let bundle = host
+        .pool
+        .generation_for(Some(user))
+        .ok_or_else(ApiError::no_bundle)?
+        .generation;
     let key = CacheKey {
         n,
         exclude_watched: params.exclude_watched,
@@ -594,6 +614,15 @@ async fn health(State(host): State<Arc<Host>>) -> (StatusCode, Json<Value>) {
                 "instances": generation.instances,
                 "videos": generation.summary.videos,
                 "experiments": generation.summary.experiments,
+                "manifest_experiment": host.pool.arms().map(|arms| json!({
+                    "name": arms.name,
+                    "arms": arms.arms.iter().map(|(name, weight, generation)| json!({
+                        "name": name,
+                        "weight": weight,
+                        "model_version": generation.summary.model_version,
+                        "bundle_sha256": generation.sha256,
+                    })).collect::<Vec<_>>(),
+                })),
                 "profiles": profiles,
                 "uptime_s": uptime,
             })),

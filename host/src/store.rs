@@ -33,6 +33,33 @@ pub struct Manifest {
     pub profiles: Option<Artifact>,
     /// Unix seconds of publication.
     pub published_at: i64,
+    /// An experiment whose arms serve different bundles (`bundle` is the control's).
+    #[serde(default)]
+    pub experiment: Option<ManifestExperiment>,
+}
+
+/// An experiment in a manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestExperiment {
+    /// Its name in responses.
+    pub name: String,
+    /// Mixed into the assignment hash.
+    pub salt: String,
+    /// The arms; the first is the control.
+    pub variants: Vec<ManifestVariant>,
+}
+
+/// One arm.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestVariant {
+    /// Its name.
+    pub name: String,
+    /// Its share of the traffic, relative to the others' weights.
+    pub weight: u32,
+    /// The model version of its bundle.
+    pub model_version: String,
+    /// Its bundle.
+    pub bundle: Artifact,
 }
 
 /// A content-addressed file in the store.
@@ -59,6 +86,19 @@ impl Manifest {
         manifest.bundle.check("bundle")?;
         if let Some(profiles) = &manifest.profiles {
             profiles.check("profiles")?;
+        }
+        if let Some(experiment) = &manifest.experiment {
+            ensure!(
+                !experiment.variants.is_empty() && experiment.variants.iter().any(|v| v.weight > 0),
+                "experiment {}: no variant with a positive weight",
+                experiment.name
+            );
+            for variant in &experiment.variants {
+                variant.bundle.check(&format!(
+                    "experiment {} variant {}",
+                    experiment.name, variant.name
+                ))?;
+            }
         }
         Ok(manifest)
     }
@@ -124,7 +164,7 @@ pub enum Poll {
     /// The manifest did not change since the last poll.
     Unchanged,
     /// A manifest (new, or the first one).
-    Manifest(Manifest),
+    Manifest(Box<Manifest>),
 }
 
 impl Store {
@@ -226,7 +266,7 @@ impl Store {
         let manifest =
             Manifest::from_json(&bytes).with_context(|| format!("manifest {}", self.describe()))?;
         self.last_seen = validator;
-        Ok(Poll::Manifest(manifest))
+        Ok(Poll::Manifest(Box::new(manifest)))
     }
 
     /// Downloads an artifact and checks its size and sha256.

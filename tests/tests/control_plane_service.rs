@@ -319,6 +319,106 @@ fn publishes_to_s3_and_a_host_follows_publish_and_rollback() {
     let (status, bundles) = authed_get(&http, &format!("{}/bundles", control.url));
     assert_eq!((status, bundles.as_array().unwrap().len()), (200, 2));
 
+    // An experiment whose arms are the two bundles: the manifest carries the split and
+    // the salt, the host loads both, and each viewer lands in the arm the module's own
+    // assignment gives.
+    let experiments = format!("{}/experiments", control.url);
+    let start = json!({
+        "name": "model-ab", "channel": "production", "salt": "ab-1",
+        "variants": [
+            {"name": "control", "bundle": first_sha, "weight": 1},
+            {"name": "candidate", "bundle": second_sha, "weight": 1},
+        ],
+    });
+    let mut unknown = start.clone();
+    unknown["name"] = json!("other");
+    unknown["variants"][1]["bundle"] = json!("e".repeat(64));
+    let (status, refused) = authed_post(&http, &experiments, &unknown);
+    assert_eq!((status, &refused["code"]), (404, &json!("unknown_bundle")));
+    let (status, started) = authed_post(&http, &experiments, &start);
+    assert_eq!(status, 201, "{started}");
+    let (status, refused) = authed_post(&http, &experiments, &start);
+    assert_eq!(
+        (status, &refused["code"]),
+        (409, &json!("experiment_exists"))
+    );
+    let manifest = fetch_published(&http, &store_url);
+    assert_eq!(manifest["experiment"]["salt"], "ab-1");
+    assert_eq!(
+        manifest["experiment"]["variants"][1]["bundle"]["sha256"],
+        json!(second_sha)
+    );
+    let started_at = Instant::now();
+    loop {
+        let (_, health) = get(&http, &format!("{}/health", host.url));
+        if health["manifest_experiment"]["arms"]
+            .as_array()
+            .is_some_and(|arms| arms.len() == 2)
+        {
+            break;
+        }
+        assert!(
+            started_at.elapsed() < Duration::from_secs(60),
+            "{health}\n{}",
+            host.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let reference = edge::rules::Experiment {
+        name: "model-ab".into(),
+        salt: "ab-1".into(),
+        variants: ["control", "candidate"]
+            .map(|name| edge::rules::Variant {
+                name: name.into(),
+                weight: 1,
+                rules: None,
+            })
+            .to_vec(),
+    };
+    let mut per_arm = std::collections::BTreeMap::<String, usize>::new();
+    for user in 1..=60_u64 {
+        let (status, answer) = get(&http, &format!("{}/recommendations/{user}?n=5", host.url));
+        assert_eq!(status, 200, "{answer}");
+        let metadata = &answer["metadata"];
+        let expected = &reference.assign(&user.to_string()).name;
+        assert_eq!(metadata["experiment"], "model-ab");
+        assert_eq!(&metadata["variant"], expected, "user {user}");
+        let version = if expected == "control" {
+            "fixture-1"
+        } else {
+            "fixture-s3-2"
+        };
+        assert_eq!(metadata["model_version"], version, "user {user}");
+        assert_eq!(
+            metadata["rules_experiment"], "channel-cap",
+            "the bundle's own experiment"
+        );
+        *per_arm.entry(expected.clone()).or_default() += 1;
+    }
+    assert!(per_arm.values().all(|&n| n >= 15), "{per_arm:?}");
+    // Stopping with a winner: its bundle serves everyone.
+    let (status, stopped) = authed_post(
+        &http,
+        &format!("{experiments}/model-ab/stop"),
+        &json!({"winner": "candidate"}),
+    );
+    assert_eq!(status, 200, "{stopped}");
+    assert!(fetch_published(&http, &store_url)["experiment"].is_null());
+    wait_for_version(&host, "fixture-s3-2");
+    let (_, health) = get(&http, &format!("{}/health", host.url));
+    assert!(health["manifest_experiment"].is_null(), "{health}");
+    let (status, refused) = authed_post(&http, &format!("{experiments}/model-ab/stop"), &json!({}));
+    assert_eq!((status, &refused["code"]), (409, &json!("not_running")));
+    let (_, listed) = authed_get(&http, &experiments);
+    assert_eq!(
+        (
+            &listed[0]["name"],
+            &listed[0]["running"],
+            &listed[0]["winner"]
+        ),
+        (&json!("model-ab"), &json!(false), &json!("candidate"))
+    );
+
     // Past 16 MiB the upload goes to S3 in parts; what comes back is every byte.
     let mut noise = edgerec_e2e::requests::Stream(11);
     let big_section: Vec<u8> = (0..(20 << 20) / 8)
@@ -544,6 +644,67 @@ fn refuses_bad_requests_with_clear_errors() {
     );
     let (_, listed) = authed_get(&http, &url("/ingest/interactions"));
     assert_eq!(listed["total"], 0, "a refused batch stores nothing");
+
+    // The OpenAPI document is public and describes every route, each protected one with
+    // the bearer scheme; its error schema is the one errors have.
+    let (status, document) = get(&http, &url("/openapi.json"));
+    assert_eq!(status, 200);
+    assert!(
+        document["openapi"].as_str().unwrap().starts_with("3."),
+        "{document}"
+    );
+    let routes = [
+        ("get", "/health", false),
+        ("get", "/openapi.json", false),
+        ("get", "/store/{key}", false),
+        ("get", "/bundles", true),
+        ("post", "/bundles", true),
+        ("get", "/bundles/{sha256}", true),
+        ("post", "/profiles", true),
+        ("get", "/channels", true),
+        ("get", "/channels/{name}", true),
+        ("post", "/channels/{name}/publish", true),
+        ("post", "/channels/{name}/rollback", true),
+        ("post", "/ingest/inferences", true),
+        ("get", "/ingest/inferences", true),
+        ("post", "/ingest/interactions", true),
+        ("get", "/ingest/interactions", true),
+        ("post", "/runs", true),
+        ("get", "/runs", true),
+        ("get", "/runs/{id}", true),
+        ("get", "/runs/{id}/log", true),
+        ("get", "/data-versions", true),
+        ("get", "/experiments", true),
+        ("post", "/experiments", true),
+        ("post", "/experiments/{name}/stop", true),
+        ("get", "/experiments/{name}/analysis", true),
+        ("get", "/online-metrics", true),
+        ("post", "/feedback/merge", true),
+        ("get", "/drift", true),
+    ];
+    let documented: usize = document["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|item| item.as_object().unwrap().len())
+        .sum();
+    assert_eq!(documented, routes.len(), "{document}");
+    for (method, path, protected) in routes {
+        let operation = &document["paths"][path][method];
+        assert!(operation.is_object(), "{method} {path} is not documented");
+        assert_eq!(
+            operation["security"].is_array(),
+            protected,
+            "{method} {path}: security {}",
+            operation["security"]
+        );
+    }
+    assert_eq!(
+        document["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    let error_schema = &document["components"]["schemas"]["ErrorBody"]["properties"];
+    assert!(error_schema["code"].is_object() && error_schema["message"].is_object());
 
     // Unknown routes and methods get the same error shape.
     assert_eq!(
@@ -1126,8 +1287,14 @@ fn the_pipeline_runs_on_movielens_and_publishes_to_s3() {
     let (_, bundle) = authed_get(&http, &format!("{}/bundles/{bundle_sha}", control.url));
     assert_eq!(bundle["lineage"]["run"], json!(id));
     let (_, versions) = authed_get(&http, &format!("{}/data-versions", control.url));
-    assert_eq!(bundle["lineage"]["data_version"], versions[0]["sha256"]);
-    assert_eq!(versions[0]["interactions"], 100_000);
+    let trained_on = versions
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|version| version["sha256"] == bundle["lineage"]["data_version"])
+        .unwrap_or_else(|| panic!("{versions}\n{bundle}"));
+    assert_eq!(trained_on["interactions"], 100_000);
+    assert_eq!(trained_on["source"], "movielens-100k");
     let (status, log) = {
         let response = http
             .get(format!("{}/runs/{id}/log", control.url))
