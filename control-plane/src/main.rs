@@ -714,6 +714,24 @@ fn print_ranking(comparison: &Comparison) {
     }
 }
 
+/// The registry in `state`, created if missing.
+fn open_registry(state: &Path) -> Result<control_plane::registry::Registry> {
+    let path = control_plane::registry::Registry::path_in(state);
+    control_plane::registry::Registry::open(&path)
+        .with_context(|| format!("opening the registry {}", path.display()))
+}
+
+/// The registry in `state`, for commands that only read what is there.
+fn existing_registry(state: &Path) -> Result<control_plane::registry::Registry> {
+    let path = control_plane::registry::Registry::path_in(state);
+    anyhow::ensure!(
+        path.is_file(),
+        "no registry at {} (give --state)",
+        path.display()
+    );
+    open_registry(state)
+}
+
 fn parse_lineage(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
@@ -1186,11 +1204,7 @@ fn run(cli: Cli) -> Result<()> {
             let registry = args
                 .state
                 .as_ref()
-                .map(|state| {
-                    let path = state.join("registry.sqlite");
-                    control_plane::registry::Registry::open(&path)
-                        .with_context(|| format!("opening the registry {}", path.display()))
-                })
+                .map(|state| open_registry(state))
                 .transpose()?;
             let store_location = args
                 .store
@@ -1318,13 +1332,7 @@ fn run(cli: Cli) -> Result<()> {
             threshold,
             state,
         } => {
-            let database = state.join("registry.sqlite");
-            anyhow::ensure!(
-                database.is_file(),
-                "no registry at {} (give --state)",
-                database.display()
-            );
-            let registry = control_plane::registry::Registry::open(&database)?;
+            let registry = existing_registry(&state)?;
             let dataset = Dataset::load(&data)?;
             let mut skipped = 0;
             let served: Vec<control_plane::ingest::InferenceEvent> =
@@ -1357,13 +1365,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Feedback(FeedbackCommand::Merge { base, out, state }) => {
-            let database = state.join("registry.sqlite");
-            anyhow::ensure!(
-                database.is_file(),
-                "no registry at {} (give --state)",
-                database.display()
-            );
-            let registry = control_plane::registry::Registry::open(&database)?;
+            let registry = existing_registry(&state)?;
             let report = control_plane::feedback::merge(&registry, &base, &out)?;
             println!(
                 "merged {} responses and {} interactions into {}: {} labeled rows ({} engaged), {} interaction rows added, {} events skipped; data version {}",
@@ -1384,13 +1386,7 @@ fn run(cli: Cli) -> Result<()> {
             min_sample,
             json,
         }) => {
-            let database = state.join("registry.sqlite");
-            anyhow::ensure!(
-                database.is_file(),
-                "no registry at {} (give --state)",
-                database.display()
-            );
-            let registry = control_plane::registry::Registry::open(&database)?;
+            let registry = existing_registry(&state)?;
             let outcomes = registry.arm_outcomes(Some(&name))?;
             let analysis = control_plane::experiments::analyze(
                 &name,
@@ -1432,9 +1428,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Pipeline(PipelineCommand::Run(args)) => {
             use control_plane::pipeline::{self, PipelineContext, RunRecord, RunStatus};
-            let database = args.state.join("registry.sqlite");
-            let registry = control_plane::registry::Registry::open(&database)
-                .with_context(|| format!("opening the registry {}", database.display()))?;
+            let registry = open_registry(&args.state)?;
             let context = PipelineContext {
                 exe: std::env::current_exe().context("finding this program")?,
                 store: args.store.location_or_state(&args.state),
@@ -1446,7 +1440,7 @@ fn run(cli: Cli) -> Result<()> {
                 Some(id) => {
                     let record = registry
                         .run(id)?
-                        .with_context(|| format!("no run {id} in {}", database.display()))?;
+                        .with_context(|| format!("no run {id} in {}", args.state.display()))?;
                     anyhow::ensure!(
                         record.status != RunStatus::Succeeded,
                         "run {id} succeeded already"

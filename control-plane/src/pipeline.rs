@@ -25,7 +25,8 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::object_store::{ObjectStore, S3Options};
-use crate::registry::{BundleRecord, ChannelAction, Registry};
+use crate::publish::now_seconds;
+use crate::registry::{BundleRecord, Registry};
 
 /// The stages, in order.
 pub const STAGES: [&str; 9] = [
@@ -156,12 +157,6 @@ pub struct DataVersion {
     pub time_range: Option<(i64, i64)>,
     /// Unix seconds.
     pub registered_at: i64,
-}
-
-fn now_seconds() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// A new run id.
@@ -676,10 +671,8 @@ fn run_stage(
         "publish" => {
             let channel = record.publish.clone().ok_or("no channel")?;
             let sha256 = record.bundle.clone().ok_or("no registered bundle")?;
-            let bundle = registry
-                .bundle(&sha256)
-                .map_err(|e| e.to_string())?
-                .ok_or("the registered bundle is gone from the registry")?;
+            let path = paths.run.join("bundles").join(format!("{sha256}.bundle"));
+            let bundle = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             // Profiles from the run's data set, so hosts personalize known viewers.
             let config = crate::config::Config::parse(&record.config).map_err(|e| e.to_string())?;
             let dataset =
@@ -687,40 +680,20 @@ fn run_stage(
             let (profiles, viewers) =
                 crate::publish::build_profiles(&dataset, &config.engagement, 200);
             let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-            let manifest = runtime.block_on(async {
+            let (manifest, _) = runtime.block_on(async {
                 let store = ObjectStore::open(&context.store, &context.s3)
                     .await
                     .map_err(|e| format!("{e:#}"))?;
-                let profiles =
-                    crate::publish::put_artifact(&store, "profiles", "msgpack", &profiles)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                registry
-                    .add_profiles(&crate::registry::ProfilesRecord {
-                        sha256: profiles.sha256.clone(),
-                        key: profiles.key.clone(),
-                        size: profiles.size,
-                        users: viewers as u64,
-                        registered_at: now_seconds(),
-                    })
-                    .map_err(|e| e.to_string())?;
-                let manifest = crate::publish::Manifest {
-                    format: crate::publish::MANIFEST_FORMAT,
-                    channel: channel.clone(),
-                    model_version: bundle.model_version.clone(),
-                    bundle: bundle.artifact(),
-                    profiles: Some(profiles),
-                    published_at: now_seconds(),
-                    experiment: None,
-                };
-                crate::publish::write_manifest(&store, &manifest)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok::<_, String>(manifest)
+                crate::publish::publish_registered(
+                    &store,
+                    Some(registry),
+                    &channel,
+                    &bundle,
+                    Some(&profiles),
+                )
+                .await
+                .map_err(|e| format!("{e:#}"))
             })?;
-            registry
-                .record_channel_event(ChannelAction::Publish, &manifest)
-                .map_err(|e| e.to_string())?;
             Ok(format!(
                 "{} now serves {} ({viewers} viewer profiles)",
                 channel, manifest.model_version

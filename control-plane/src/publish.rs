@@ -219,7 +219,8 @@ pub fn count_profiles(bytes: &[u8]) -> Result<usize, String> {
     }
 }
 
-fn now_seconds() -> i64 {
+/// Unix seconds now (publication and registration times).
+pub fn now_seconds() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
@@ -240,9 +241,11 @@ pub async fn publish_registered(
         .transpose()
         .map_err(anyhow::Error::msg)?;
     let now = now_seconds();
-    let (manifest, key) = publish(store, channel, bundle, profiles, now).await?;
+    check_channel(channel)?;
+    let header = edge::bundle::BundleView::parse(bundle)?.header;
+    let (manifest, key) =
+        publish_checked(store, channel, &header.model_version, bundle, profiles, now).await?;
     if let Some(registry) = registry {
-        let header = edge::bundle::BundleView::parse(bundle)?.header;
         registry.add_bundle(&BundleRecord::new(&header, &manifest.bundle, now))?;
         if let (Some(artifact), Some(users)) = (&manifest.profiles, users) {
             registry.add_profiles(&ProfilesRecord {
@@ -310,7 +313,26 @@ pub async fn publish(
 ) -> Result<(Manifest, String), PublishError> {
     check_channel(channel)?;
     let view = edge::bundle::BundleView::parse(bundle)?;
-    let model_version = view.header.model_version.clone();
+    publish_checked(
+        store,
+        channel,
+        &view.header.model_version,
+        bundle,
+        profiles,
+        published_at,
+    )
+    .await
+}
+
+/// [`publish`] once the channel and the bundle have been checked.
+async fn publish_checked(
+    store: &ObjectStore,
+    channel: &str,
+    model_version: &str,
+    bundle: &[u8],
+    profiles: Option<&[u8]>,
+    published_at: i64,
+) -> Result<(Manifest, String), PublishError> {
     let bundle = put_artifact(store, "bundles", "bundle", bundle).await?;
     let profiles = match profiles {
         Some(bytes) => Some(put_artifact(store, "profiles", "msgpack", bytes).await?),
@@ -319,7 +341,7 @@ pub async fn publish(
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
         channel: channel.to_owned(),
-        model_version,
+        model_version: model_version.to_owned(),
         bundle,
         profiles,
         published_at,

@@ -246,6 +246,11 @@ CREATE TABLE IF NOT EXISTS runs (
 ";
 
 impl Registry {
+    /// Where the registry of a state folder lives.
+    pub fn path_in(state: &Path) -> std::path::PathBuf {
+        state.join("registry.sqlite")
+    }
+
     /// Opens (creating if needed) the registry at `path`.
     pub fn open(path: &Path) -> Result<Self> {
         if let Some(folder) = path.parent() {
@@ -455,11 +460,14 @@ impl Registry {
     pub fn channel(&self, name: &str) -> Result<Option<Channel>> {
         let mut history = self.channel_events(name)?;
         history.reverse();
-        Ok(history.first().map(|latest| Channel {
-            name: name.to_owned(),
-            current: latest.manifest.clone(),
-            history: history.clone(),
-        }))
+        Ok(history
+            .first()
+            .map(|latest| latest.manifest.clone())
+            .map(|current| Channel {
+                name: name.to_owned(),
+                current,
+                history,
+            }))
     }
 
     /// Every channel's current manifest, by name.

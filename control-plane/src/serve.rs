@@ -62,7 +62,7 @@ pub fn token_from_file(path: &Path) -> anyhow::Result<String> {
 
 /// Runs the service until Ctrl-C or SIGTERM.
 pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
-    let database = options.state.join("registry.sqlite");
+    let database = Registry::path_in(&options.state);
     let registry = Registry::open(&database)
         .with_context(|| format!("opening the registry {}", database.display()))?;
     let store = ObjectStore::open(&options.store, &options.s3).await?;

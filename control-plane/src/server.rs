@@ -27,7 +27,7 @@ use crate::object_store::{CachePolicy, ObjectStore, content_type};
 use crate::pipeline::{PipelineContext, RunRecord, RunStatus};
 use crate::publish::{
     Artifact, MANIFEST_FORMAT, Manifest, PublishError, check_channel, count_profiles, manifest_key,
-    put_artifact, write_manifest,
+    now_seconds, put_artifact, write_manifest,
 };
 use crate::registry::{
     BundleRecord, ChannelAction, EventKind, ProfilesRecord, Registry, RegistryError,
@@ -189,12 +189,6 @@ impl From<PublishError> for ApiError {
             }
         }
     }
-}
-
-fn now_seconds() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn now_millis() -> i64 {

@@ -271,6 +271,10 @@ impl Capture {
     /// limit (oldest first).
     pub fn seal(&self, metrics: &Metrics) -> std::io::Result<()> {
         let pending = std::mem::take(&mut *self.pending.lock().expect("capture buffer lock"));
+        if pending.values().all(Vec::is_empty) {
+            // Nothing new on disk, so the spool's size has not grown.
+            return Ok(());
+        }
         for (kind, lines) in pending {
             if lines.is_empty() {
                 continue;

@@ -301,6 +301,23 @@ impl Drop for Service {
     }
 }
 
+/// Waits (up to a minute) until the host's `/health` reports `version`.
+pub fn wait_for_version(host: &Service, version: &str) {
+    let started = std::time::Instant::now();
+    loop {
+        let (_, health) = http::get(&http::client(), &format!("{}/health", host.url));
+        if health["model_version"] == version {
+            return;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "{version} was not swapped in\n{}",
+            host.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// The edge module that `cargo xtask test` built (`cargo xtask dist`), named by
 /// `EDGEREC_EDGE_WASM`.
 pub fn edge_wasm() -> Vec<u8> {

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use edge::bundle::sha256_hex;
 use edge::recommend::Recommender;
+use edgerec_e2e::HostProcess;
 use edgerec_e2e::http::{Client, client, get, post};
-use edgerec_e2e::{HostProcess, Service, binary, stdout_of, synthetic_bundle};
+use edgerec_e2e::{Service, binary, stdout_of, synthetic_bundle, wait_for_version};
 use serde_json::{Value, json};
 
 const ACCESS_KEY: &str = "edgerec-test-key";
@@ -109,20 +110,9 @@ fn authed_post(http: &Client, url: &str, body: &Value) -> (u16, Value) {
     )
 }
 
-fn wait_for_version(host: &HostProcess, version: &str) {
-    let started = Instant::now();
-    loop {
-        let (_, health) = get(&client(), &format!("{}/health", host.url));
-        if health["model_version"] == version {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "{version} was not swapped in\n{}",
-            host.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// An answer's status and error code.
+fn code((status, body): (u16, Value)) -> (u16, String) {
+    (status, body["code"].as_str().unwrap_or("").to_owned())
 }
 
 /// GET over plain HTTP, no credentials: status, `Cache-Control` and body.
@@ -486,8 +476,6 @@ fn refuses_bad_requests_with_clear_errors() {
     );
     let http = client();
     let url = |path: &str| format!("{}{path}", control.url);
-    let code =
-        |(status, body): (u16, Value)| (status, body["code"].as_str().unwrap_or("").to_owned());
 
     // Public: health and the store layout; everything else needs the token.
     assert_eq!(get(&http, &url("/health")).0, 200);
@@ -1155,28 +1143,17 @@ fn the_pipeline_runs_on_movielens_and_publishes_to_s3() {
 
     // Requests that cannot start a run.
     let work = tempfile::tempdir().unwrap();
-    let code =
-        |(status, body): (u16, Value)| (status, body["code"].as_str().unwrap_or("").to_owned());
-    assert_eq!(
-        code(authed_post(&http, &runs, &json!({"data": "/nonexistent"}))),
-        (400, "invalid_request".to_owned())
-    );
-    assert_eq!(
-        code(authed_post(
-            &http,
-            &runs,
-            &json!({"data": fixture.data(), "config": "[two_tower]\nepochs = -1\n"})
-        )),
-        (400, "invalid_request".to_owned())
-    );
-    assert_eq!(
-        code(authed_post(
-            &http,
-            &runs,
-            &json!({"data": fixture.data(), "publish": "../prod"})
-        )),
-        (400, "invalid_request".to_owned())
-    );
+    for refused in [
+        json!({"data": "/nonexistent"}),
+        json!({"data": fixture.data(), "config": "[two_tower]\nepochs = -1\n"}),
+        json!({"data": fixture.data(), "publish": "../prod"}),
+    ] {
+        assert_eq!(
+            code(authed_post(&http, &runs, &refused)),
+            (400, "invalid_request".to_owned()),
+            "{refused}"
+        );
+    }
 
     // A data set that breaks in the first stage: the run fails, says why, publishes nothing.
     let broken = work.path().join("broken");

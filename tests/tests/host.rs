@@ -11,7 +11,7 @@ use edge::bundle::sha256_hex;
 use edge::recommend::{Recommender, StageMs};
 use edgerec_e2e::http::{client, get, post};
 use edgerec_e2e::requests::varied_requests;
-use edgerec_e2e::{HostProcess, control_plane, stdout_of, synthetic_bundle};
+use edgerec_e2e::{HostProcess, control_plane, stdout_of, synthetic_bundle, wait_for_version};
 use serde_json::{Value, json};
 
 /// A response without what differs between runs: timings and the request id.
@@ -40,23 +40,6 @@ fn publish(store: &Path, bundle: &Path, profiles_from: Option<&Path>) {
         ]);
     }
     stdout_of(&control_plane(&args));
-}
-
-/// Waits (up to a minute) until the host serves `version`.
-fn wait_for_version(host: &HostProcess, version: &str) {
-    let started = Instant::now();
-    loop {
-        let (_, health) = get(&client(), &format!("{}/health", host.url));
-        if health["model_version"] == version {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "{version} was not swapped in\n{}",
-            host.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// A helper process, killed when dropped.
