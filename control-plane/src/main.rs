@@ -215,6 +215,10 @@ struct ServeArgs {
     /// Largest JSON or ingest request body, MiB.
     #[arg(long, default_value_t = 16)]
     max_body_mb: usize,
+    /// Serve the browser demo from this folder at /demo/ (www/ with the browser build of
+    /// the edge module in its pkg/ folder; `cargo xtask demo` assembles one).
+    #[arg(long)]
+    www: Option<PathBuf>,
     /// Log filter (tracing's syntax: info, debug, control_plane=debug, ...).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -1323,6 +1327,7 @@ fn run(cli: Cli) -> Result<()> {
                 token: args.token,
                 max_artifact_bytes: args.max_artifact_mb << 20,
                 max_body_bytes: args.max_body_mb << 20,
+                www: args.www,
             };
             tokio::runtime::Runtime::new()?.block_on(control_plane::serve::serve(options))?;
         }

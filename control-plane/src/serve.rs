@@ -28,6 +28,9 @@ pub struct ServeOptions {
     pub max_artifact_bytes: usize,
     /// Largest JSON or ingest body, bytes.
     pub max_body_bytes: usize,
+    /// The browser demo's folder (`www/` with the browser build in `pkg/`), served at
+    /// `/demo/`.
+    pub www: Option<PathBuf>,
 }
 
 /// The token in `path`, or a new random one written there (readable by the owner only).
@@ -95,6 +98,7 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             token,
             max_artifact_bytes: options.max_artifact_bytes,
             max_body_bytes: options.max_body_bytes,
+            www: options.www.clone(),
         },
     ));
     let listener = tokio::net::TcpListener::bind(options.listen)
@@ -107,6 +111,12 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         database.display(),
         manifest_path("<channel>")
     );
+    if let Some(www) = &options.www {
+        println!(
+            "  browser demo at http://{address}/demo/ (from {})",
+            www.display()
+        );
+    }
     axum::serve(listener, router(control_plane))
         .with_graceful_shutdown(shutdown_signal())
         .await

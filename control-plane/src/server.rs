@@ -42,6 +42,8 @@ pub struct Settings {
     pub max_artifact_bytes: usize,
     /// Largest JSON or ingest body.
     pub max_body_bytes: usize,
+    /// A folder of static files (the browser demo) to serve at `/demo/`.
+    pub www: Option<std::path::PathBuf>,
 }
 
 /// The shared state of the handlers.
@@ -251,10 +253,21 @@ pub fn router(control_plane: Arc<ControlPlane>) -> Router {
             control_plane.clone(),
             require_token,
         ));
-    Router::new()
+    let mut public = Router::new()
         .route("/health", get(health))
         .route("/openapi.json", get(openapi_document))
-        .route("/store/{*key}", get(read_store))
+        .route("/store/{*key}", get(read_store));
+    if settings.www.is_some() {
+        // Beside the store, so the page reads manifests and bundles from its own origin.
+        public = public
+            .route(
+                "/demo",
+                get(|| async { axum::response::Redirect::permanent("/demo/") }),
+            )
+            .route("/demo/", get(demo_file))
+            .route("/demo/{*path}", get(demo_file));
+    }
+    public
         .merge(protected)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -264,6 +277,40 @@ pub fn router(control_plane: Arc<ControlPlane>) -> Router {
             refuse_declared_oversize,
         ))
         .with_state(control_plane)
+}
+
+/// A file of the browser demo. ServeDir is called with the path below `/demo` rather
+/// than nested, because nested it would redirect directories to paths without the prefix
+/// (axum issue 1731).
+async fn demo_file(State(control_plane): State<Arc<ControlPlane>>, request: Request) -> Response {
+    let Some(www) = control_plane.settings.www.clone() else {
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no demo is served")
+            .into_response();
+    };
+    let (mut parts, body) = request.into_parts();
+    let below = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .strip_prefix("/demo")
+        .unwrap_or("/")
+        .to_owned();
+    parts.uri = match below.parse() {
+        Ok(uri) => uri,
+        Err(_) => return ApiError::bad_request("the path is not a valid URI").into_response(),
+    };
+    match tower_http::services::ServeDir::new(www)
+        .try_call(Request::from_parts(parts, body))
+        .await
+    {
+        Ok(response) => response.map(axum::body::Body::new).into_response(),
+        Err(e) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("reading the demo's files: {e}"),
+        )
+        .into_response(),
+    }
 }
 
 /// Answers 413 before reading a byte when `Content-Length` already exceeds the route's

@@ -216,7 +216,8 @@ impl Door {
     }
 }
 
-#[cfg(target_arch = "wasm32")]
+// The browser build exports the wasm-bindgen class instead (`web`).
+#[cfg(all(target_arch = "wasm32", not(feature = "browser")))]
 mod exports {
     use super::Door;
     use std::cell::RefCell;

@@ -19,6 +19,8 @@ pub mod recommend;
 pub mod rules;
 pub mod shard;
 pub mod tower;
+#[cfg(feature = "browser")]
+pub mod web;
 
 pub use engagement::{EngagementRules, engagement_weight};
 pub use entities::{Channel, ContentRating, Interaction, InteractionType, User, Video};

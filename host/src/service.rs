@@ -198,6 +198,14 @@ pub fn router(host: Arc<Host>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(host.clone(), count_request))
+        // Browser pages on other origins (the demo, when its viewer turns sharing on) call
+        // the API; it carries no cookies or credentials, so any origin may.
+        .layer(
+            tower_http::cors::CorsLayer::new()
+                .allow_origin(tower_http::cors::Any)
+                .allow_methods([Method::GET, Method::POST])
+                .allow_headers([header::CONTENT_TYPE]),
+        )
         .with_state(host)
 }
 

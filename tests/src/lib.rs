@@ -301,6 +301,27 @@ impl Drop for Service {
     }
 }
 
+/// A helper process (redis-server, workerd), killed when dropped.
+#[derive(Debug)]
+pub struct Background(pub std::process::Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port that was free a moment ago (for servers that cannot report the port
+/// they bound).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Waits (up to a minute) until the host's `/health` reports `version`.
 pub fn wait_for_version(host: &Service, version: &str) {
     let started = std::time::Instant::now();
@@ -462,4 +483,53 @@ pub mod http {
         let status = response.status().as_u16();
         (status, response.json().unwrap_or(Value::Null))
     }
+}
+
+/// The browser build of the edge module (`cargo xtask dist`'s `dist/web/`: `edgerec.js`,
+/// `edgerec_bg.wasm`, `edgerec.d.ts`), named by `EDGEREC_EDGE_WEB`.
+pub fn edge_web_dir() -> PathBuf {
+    let dir = std::env::var_os("EDGEREC_EDGE_WEB").expect(
+        "EDGEREC_EDGE_WEB is not set: run `cargo xtask test`, which builds the browser module and sets it",
+    );
+    PathBuf::from(dir)
+}
+
+/// The repository's root (tests/ is one of its folders).
+pub fn repository() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the repository")
+        .to_owned()
+}
+
+/// Runs `node` with `args`, panicking with its output unless it succeeds; returns its
+/// standard output and standard error (where the scripts print their figures).
+pub fn node<I, S>(args: I) -> (String, String)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut command = Command::new("node");
+    command.args(args);
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e} (Node.js is needed)"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {:?}\nstdout: {}\nstderr: {}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The npm packages `cargo xtask test` installed from `tests/js/package.json`.
+pub fn node_modules() -> PathBuf {
+    PathBuf::from(std::env::var_os("EDGEREC_NODE_MODULES").expect(
+        "EDGEREC_NODE_MODULES is not set: run `cargo xtask test`, which installs the npm packages",
+    ))
 }

@@ -11,7 +11,10 @@ use edge::bundle::sha256_hex;
 use edge::recommend::{Recommender, StageMs};
 use edgerec_e2e::http::{client, get, post};
 use edgerec_e2e::requests::varied_requests;
-use edgerec_e2e::{HostProcess, control_plane, stdout_of, synthetic_bundle, wait_for_version};
+use edgerec_e2e::{
+    Background, HostProcess, control_plane, free_port, stdout_of, synthetic_bundle,
+    wait_for_version,
+};
 use serde_json::{Value, json};
 
 /// A response without what differs between runs: timings and the request id.
@@ -40,24 +43,6 @@ fn publish(store: &Path, bundle: &Path, profiles_from: Option<&Path>) {
         ]);
     }
     stdout_of(&control_plane(&args));
-}
-
-/// A helper process, killed when dropped.
-struct Background(std::process::Child);
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Starts `command` (listening on loopback `port`) and waits until it accepts.

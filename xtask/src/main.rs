@@ -19,8 +19,9 @@ tasks:
   test       fetch test data, build the binaries and the edge module, run every test (args go to cargo test)
   bench      build a 100,000-video bundle (once, cached; --rebuild to redo it) and the
              edge module, then measure load and recommend in wasmtime against native
-  dist       build the edge module (raw ABI, release, wasm-opt -Oz when binaryen is installed)
-             into target/dist/edge.wasm and report its size
+  dist       build the edge module's two flavours (release, wasm-opt -Oz when binaryen is installed):
+             the raw ABI into target/dist/edge.wasm, the wasm-bindgen browser build into
+             target/dist/web/, and report their sizes
   fixtures   fetch MovieLens-100k and the all-MiniLM-L6-v2 title model into the cache
              folder and print their paths
 
@@ -95,7 +96,12 @@ fn main() -> std::process::ExitCode {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    // `cargo run` sets the variable at run time too; preferring it keeps the right root when
+    // a shared target folder holds an xtask binary built from another clone of the tree.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir
         .parent()
         .expect("xtask lives in the workspace")
         .to_owned()
@@ -268,6 +274,36 @@ fn referee_python() -> Result<PathBuf> {
     Ok(python)
 }
 
+/// The npm packages of the browser and workerd tests (`tests/js/package.json`, pinned by
+/// its lock file), installed with `npm ci` into the cache folder; reinstalled only when the
+/// lock file changes. Returns the `node_modules` folder.
+fn js_packages() -> Result<PathBuf> {
+    let dir = cache_dir()?.join("npm");
+    std::fs::create_dir_all(&dir)?;
+    let lock = std::fs::read(root().join("tests/js/package-lock.json"))?;
+    let stamp = dir.join("installed-lock-sha256");
+    let lock_sha = format!("{:x}", Sha256::digest(&lock));
+    let modules = dir.join("node_modules");
+    if modules.is_dir() && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == lock_sha) {
+        return Ok(modules);
+    }
+    eprintln!(
+        "xtask: npm ci (playwright-core, workerd, esbuild, @msgpack/msgpack) into {}",
+        dir.display()
+    );
+    std::fs::copy(
+        root().join("tests/js/package.json"),
+        dir.join("package.json"),
+    )?;
+    std::fs::write(dir.join("package-lock.json"), &lock)?;
+    run(Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+        .current_dir(&dir))
+    .context("npm ci of the test packages (Node.js and npm are needed)")?;
+    std::fs::write(&stamp, &lock_sha)?;
+    Ok(modules)
+}
+
 fn run(command: &mut Command) -> Result<()> {
     let status = command
         .status()
@@ -360,12 +396,21 @@ fn gzip_len(bytes: &[u8]) -> Result<usize> {
     Ok(output.stdout.len())
 }
 
-/// Builds the raw-ABI module into `target/dist/edge.wasm` and returns its path.
-fn dist() -> Result<PathBuf> {
-    wasm_target()?;
+/// The two flavours of the edge module (shared/NOTES.md: one crate, two builds).
+#[derive(Clone, Copy, PartialEq)]
+enum Flavour {
+    /// The raw ABI, no imports: wasmtime and workerd.
+    Raw,
+    /// The wasm-bindgen class: browsers and Node.
+    Web,
+}
+
+/// Compiles edge for wasm32 in `flavour` and returns the linked module's path.
+fn compile_edge(flavour: Flavour) -> Result<PathBuf> {
     // `cargo rustc --crate-type cdylib`: LTO is skipped for a crate that is both cdylib
     // and rlib (shared/NOTES.md), and edge is an rlib for everything else.
-    run(cargo().args([
+    let mut command = cargo();
+    command.args([
         "rustc",
         "--package",
         "edge",
@@ -375,55 +420,141 @@ fn dist() -> Result<PathBuf> {
         "wasm32-unknown-unknown",
         "--crate-type",
         "cdylib",
-    ]))?;
-    let built = target_dir()
+    ]);
+    command.args([
+        "--features",
+        match flavour {
+            Flavour::Web => "browser",
+            // The same dependency graph as the browser flavour (see edge/Cargo.toml).
+            Flavour::Raw => "browser-dependencies",
+        },
+    ]);
+    run(&mut command)?;
+    // Both flavours link to the same file name; the caller copies it out before the next.
+    Ok(target_dir()
         .join("wasm32-unknown-unknown")
         .join("wasm")
-        .join("edge.wasm");
-    let dist = target_dir().join("dist");
-    std::fs::create_dir_all(&dist)?;
-    let out = dist.join("edge.wasm");
-    let stamp = dist.join("edge.wasm.source-sha256");
-    let source_sha = sha256_hex(&built)?;
-    let fresh =
-        out.is_file() && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == source_sha);
-    if !fresh {
-        match wasm_opt() {
-            Some(wasm_opt) => {
-                eprintln!("xtask: wasm-opt -Oz (about a minute)");
-                run(Command::new(wasm_opt)
-                    .arg("-Oz")
-                    .arg(&built)
-                    .arg("-o")
-                    .arg(&out))?;
-            }
-            None => {
-                std::fs::copy(&built, &out)?;
-            }
-        }
-        std::fs::write(&stamp, &source_sha)?;
+        .join("edge.wasm"))
+}
+
+/// `wasm-opt -Oz input -o out`, skipped when `out` was made from the same input; a copy
+/// when binaryen cannot be installed.
+fn optimise(input: &[u8], out: &Path) -> Result<()> {
+    let stamp = out.with_extension("source-sha256");
+    let source_sha = format!("{:x}", Sha256::digest(input));
+    if out.is_file() && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == source_sha) {
+        return Ok(());
     }
-    let raw = std::fs::read(&built)?;
-    let optimised = std::fs::read(&out)?;
+    let unoptimised = out.with_extension("unoptimised.wasm");
+    std::fs::write(&unoptimised, input)?;
+    match wasm_opt() {
+        Some(wasm_opt) => {
+            eprintln!(
+                "xtask: wasm-opt -Oz {} (about a minute)",
+                out.file_name().unwrap_or_default().to_string_lossy()
+            );
+            run(Command::new(wasm_opt)
+                .arg("-Oz")
+                .arg(&unoptimised)
+                .arg("-o")
+                .arg(out))?;
+        }
+        None => {
+            std::fs::copy(&unoptimised, out)?;
+        }
+    }
+    std::fs::remove_file(&unoptimised)?;
+    std::fs::write(&stamp, &source_sha)?;
+    Ok(())
+}
+
+fn report_size(name: &str, raw: &[u8], optimised: &Path) -> Result<()> {
+    let optimised = std::fs::read(optimised)?;
     let mb = |n: usize| n as f64 / 1e6;
     println!(
-        "edge.wasm: {:.2} MB ({:.2} MB gzipped) -> wasm-opt: {:.2} MB ({:.2} MB gzipped)\n{}",
+        "{name}: {:.2} MB ({:.2} MB gzipped) -> wasm-opt: {:.2} MB ({:.2} MB gzipped)",
         mb(raw.len()),
-        mb(gzip_len(&raw)?),
+        mb(gzip_len(raw)?),
         mb(optimised.len()),
         mb(gzip_len(&optimised)?),
-        out.display()
     );
-    Ok(out)
+    Ok(())
+}
+
+/// Builds both flavours of the edge module: the raw ABI into `target/dist/edge.wasm`
+/// (returned) and the browser build into `target/dist/web/` (`edgerec.js`,
+/// `edgerec_bg.wasm`, `edgerec.d.ts`: an ES module that browsers import and Node runs
+/// with `initSync`).
+fn dist() -> Result<PathBuf> {
+    wasm_target()?;
+    let dist = target_dir().join("dist");
+    let web = dist.join("web");
+    std::fs::create_dir_all(&web)?;
+
+    let raw = std::fs::read(compile_edge(Flavour::Raw)?)?;
+    let raw_out = dist.join("edge.wasm");
+    optimise(&raw, &raw_out)?;
+
+    // wasm-opt before wasm-bindgen, not after: Debian's wasm-opt (version 108) turns the
+    // externref table that wasm-bindgen adds into one the JS glue cannot fill. The name
+    // `edgerec.wasm` gives the glue its default path, `edgerec_bg.wasm`.
+    let web_raw = std::fs::read(compile_edge(Flavour::Web)?)?;
+    let staging = dist.join("web-staging");
+    std::fs::create_dir_all(&staging)?;
+    let web_optimised = staging.join("edgerec.wasm");
+    optimise(&web_raw, &web_optimised)?;
+    wasm_bindgen_cli_support::Bindgen::new()
+        .input_path(&web_optimised)
+        .out_name("edgerec")
+        .web(true)?
+        .typescript(true)
+        // The library leaves out what the CLI puts in: `init()` without arguments
+        // fetching `edgerec_bg.wasm` beside the glue.
+        .omit_default_module_path(false)
+        .generate(&web)
+        .context("running wasm-bindgen on the browser build")?;
+    let web_out = web.join("edgerec_bg.wasm");
+
+    report_size("edge.wasm (raw ABI)", &raw, &raw_out)?;
+    report_size("web/edgerec_bg.wasm (wasm-bindgen)", &web_raw, &web_out)?;
+    println!("{}\n{}", raw_out.display(), web.display());
+    Ok(raw_out)
+}
+
+/// The browser demo's folder: `www/`'s files with the browser build in `pkg/` (what
+/// `control-plane serve --www` serves at `/demo/`). Call after [`dist`].
+fn assemble_www(out: &Path) -> Result<PathBuf> {
+    let pkg = out.join("pkg");
+    std::fs::create_dir_all(&pkg)?;
+    for entry in std::fs::read_dir(root().join("www"))? {
+        let path = entry?.path();
+        if path.is_file() {
+            std::fs::copy(&path, out.join(path.file_name().context("a file name")?))?;
+        }
+    }
+    let web = target_dir().join("dist").join("web");
+    for file in ["edgerec.js", "edgerec_bg.wasm", "edgerec.d.ts"] {
+        std::fs::copy(web.join(file), pkg.join(file)).with_context(|| {
+            format!(
+                "copying {} (run `cargo xtask dist`)",
+                web.join(file).display()
+            )
+        })?;
+    }
+    Ok(out.to_owned())
 }
 
 fn test(args: &[OsString]) -> Result<()> {
     let edge_wasm = dist()?;
+    let www = assemble_www(&target_dir().join("dist").join("www"))?;
     let ml100k = movielens()?;
     let title_model = minilm()?;
     let referee = referee_python()?;
     let redis = debian_program("redis-server", "redis-server")
         .context("the host's Redis cache test needs redis-server (Debian's redis-server)")?;
+    let chromium = debian_program("chromium", "chromium")
+        .context("the browser demo's test needs Debian's chromium")?;
+    let node_modules = js_packages()?;
     // End-to-end tests start the real binaries, so build them first. All targets at once
     // unify features as `cargo test` will, so the test run reuses this build.
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
@@ -438,7 +569,11 @@ fn test(args: &[OsString]) -> Result<()> {
         .env("CANDLE_NUM_THREADS", "1")
         .env("EDGEREC_BIN_DIR", target_dir().join("debug"))
         .env("EDGEREC_REDIS_SERVER", &redis)
-        .env("EDGEREC_EDGE_WASM", &edge_wasm))
+        .env("EDGEREC_EDGE_WASM", &edge_wasm)
+        .env("EDGEREC_EDGE_WEB", target_dir().join("dist").join("web"))
+        .env("EDGEREC_WWW", &www)
+        .env("EDGEREC_CHROMIUM", &chromium)
+        .env("EDGEREC_NODE_MODULES", &node_modules))
 }
 
 /// The bench bundle's rules: 500 trees of depth 6 (early stopping off), ~300 candidates.
@@ -533,7 +668,10 @@ fn bench(args: &[OsString]) -> Result<()> {
 /// Builds the release `control-plane` and returns a runner of its subcommands (one
 /// candle thread: its pool busy-waits on a small machine).
 fn release_control_plane() -> Result<impl Fn(&[&dyn AsRef<std::ffi::OsStr>]) -> Result<()>> {
-    run(cargo().args(["build", "--release", "--package", "control-plane"]))?;
+    // The bench profile, as for the host: optimised code without fat LTO, whose single
+    // codegen unit kept one core busy for a quarter of an hour linking the control plane.
+    // Both land in target/release.
+    run(cargo().args(["build", "--profile", "bench", "--package", "control-plane"]))?;
     let control_plane = target_dir().join("release").join("control-plane");
     Ok(move |args: &[&dyn AsRef<std::ffi::OsStr>]| {
         let mut command = Command::new(&control_plane);
@@ -610,12 +748,15 @@ fn demo() -> Result<()> {
     let listen = std::env::var("EDGEREC_HOST_LISTEN").unwrap_or_else(|_| "127.0.0.1:8080".into());
     let control_listen =
         std::env::var("EDGEREC_CONTROL_LISTEN").unwrap_or_else(|_| "127.0.0.1:8090".into());
+    let www = assemble_www(&out.join("www"))?;
     let control_plane = Background(
         Command::new(target_dir().join("release").join("control-plane"))
             .args(["serve", "--listen", &control_listen, "--store"])
             .arg(&store)
             .arg("--state")
             .arg(&state)
+            .arg("--www")
+            .arg(&www)
             .spawn()
             .context("starting the control plane")?,
     );
@@ -630,7 +771,7 @@ fn demo() -> Result<()> {
     // would through a CDN in front of S3.
     let manifest = format!("http://{control_listen}/store/manifests/production.json");
     println!(
-        "\ndemo data in {}\nserving the published bundle with the edge module in wasmtime; Ctrl-C stops it.\n  API:           http://{listen}/recommendations/7?n=10  (also POST /recommendations, POST /interactions, /health, /metrics, /cached/7)\n  control plane: http://{control_listen}/health  (REST: /bundles, /channels/production, /channels/production/publish|rollback, /ingest/...; bearer token in {})\n  browser:       not built yet (issue 8)\n",
+        "\ndemo data in {}\nserving the published bundle with the edge module in wasmtime; Ctrl-C stops it.\n  API:           http://{listen}/recommendations/7?n=10  (also POST /recommendations, POST /interactions, /health, /metrics, /cached/7)\n  control plane: http://{control_listen}/health  (REST: /bundles, /channels/production, /channels/production/publish|rollback, /ingest/...; bearer token in {})\n  browser:       http://{control_listen}/demo/  (re-ranks in the tab with the browser build; history in localStorage)\n",
         out.display(),
         state.join("api-token").display()
     );
