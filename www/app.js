@@ -196,7 +196,14 @@ async function share(videoId, action) {
     const response = await fetch(new URL("interactions", sharing.url.replace(/\/?$/, "/")), {
       method: "POST",
       headers: { "content-type": "application/json" },
-      body: JSON.stringify({ user_id: viewerId(), video_id: videoId, kind, timestamp: Math.floor(Date.now() / 1000) }),
+      body: JSON.stringify({
+        user_id: viewerId(),
+        video_id: videoId,
+        type: kind,
+        timestamp: Math.floor(Date.now() / 1000),
+        // The demo has no player: a watch is the whole video.
+        ...(kind === "watch" ? { watch_seconds: recommender.video(videoId)?.duration_seconds ?? 0 } : {}),
+      }),
     });
     if (!response.ok) showError(`The host refused the interaction: ${response.status} ${await response.text()}`);
   } catch (error) {

@@ -1,11 +1,11 @@
 // Drives the browser demo in headless Chromium (playwright-core): node browser-demo.mjs
-// URL SCREENSHOT.png. Needs EDGEREC_NODE_MODULES and EDGEREC_CHROMIUM. Prints one JSON
+// URL SCREENSHOT.png [HOST_URL] (with a host, sharing is switched on for one watch). Needs EDGEREC_NODE_MODULES and EDGEREC_CHROMIUM. Prints one JSON
 // object of observations; the Rust test asserts on them. Exits non-zero on any console
 // error or page error.
 import { createRequire } from "node:module";
 import { join } from "node:path";
 
-const [url, screenshot] = process.argv.slice(2);
+const [url, screenshot, hostUrl] = process.argv.slice(2);
 const require = createRequire(join(process.env.EDGEREC_NODE_MODULES, "noop.js"));
 const { chromium } = require("playwright-core");
 
@@ -74,6 +74,21 @@ try {
   const modelVersion = await page.textContent("#model-version");
   await page.screenshot({ path: screenshot, fullPage: true });
 
+  // Sharing, off until now: one watch goes to the host's /interactions (another origin).
+  let sharedStatus = null;
+  let viewer = null;
+  if (hostUrl) {
+    await page.check("#share");
+    await page.fill("#host-url", hostUrl);
+    await page.dispatchEvent("#host-url", "change");
+    const shared = page.waitForResponse(
+      (r) => r.url().endsWith("/interactions") && r.request().method() === "POST",
+    );
+    await page.locator("#recommendations .card").first().locator('button[data-action="watch"]').click();
+    sharedStatus = (await shared).status();
+    viewer = Number(await page.evaluate(() => localStorage.getItem("edgerec.viewer.v1")));
+  }
+
   // Offline after the first load: the worker's cache serves page, module and bundle, and
   // the history is still there.
   await page.evaluate(() => navigator.serviceWorker.ready);
@@ -100,6 +115,8 @@ try {
       modelVersion,
       offline,
       historyLength,
+      sharedStatus,
+      viewer,
       problems,
     }),
   );

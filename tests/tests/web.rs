@@ -195,10 +195,13 @@ fn the_browser_demo_reranks_toward_what_the_viewer_watches_and_works_offline() {
         .parent()
         .expect("a folder")
         .join("browser-demo.png");
+    let manifest = store.path().join("manifests/production.json");
+    let host = HostProcess::host(&["--manifest", manifest.to_str().unwrap()]);
     let (stdout, _) = node([
         repository().join("tests/js/browser-demo.mjs").as_os_str(),
         format!("{}/demo/", service.url).as_ref(),
         screenshot.as_os_str(),
+        host.url.as_ref(),
     ]);
     let seen: Value =
         serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
@@ -233,6 +236,15 @@ fn the_browser_demo_reranks_toward_what_the_viewer_watches_and_works_offline() {
     assert!(seen["historyLength"].as_u64().unwrap() >= 8, "{seen}");
     assert_eq!(seen["modelVersion"], fixture_model_version().as_str());
     assert!(seen["reranks"].as_u64().unwrap() >= 50);
+    // Shared once switched on: the host (another origin, so through CORS) took the watch
+    // and now keeps a history for the page's viewer id.
+    assert_eq!(seen["sharedStatus"], 202, "{seen}");
+    let viewer = seen["viewer"].as_u64().unwrap();
+    let (_, health) = edgerec_e2e::http::get(&client(), &format!("{}/health", host.url));
+    assert_eq!(
+        health["profiles"], 601,
+        "the fixture's 600 viewers and the page's {viewer}"
+    );
 }
 
 /// Bundles worker/worker.mjs with its npm dependency into one ES module (what wrangler
