@@ -284,7 +284,7 @@ fn js_packages() -> Result<PathBuf> {
     let stamp = dir.join("installed-lock-sha256");
     let lock_sha = format!("{:x}", Sha256::digest(&lock));
     let modules = dir.join("node_modules");
-    if modules.is_dir() && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == lock_sha) {
+    if modules.is_dir() && stamp_matches(&stamp, &lock_sha) {
         return Ok(modules);
     }
     eprintln!(
@@ -437,16 +437,19 @@ fn compile_edge(flavour: Flavour) -> Result<PathBuf> {
         .join("edge.wasm"))
 }
 
+/// Whether `stamp` records `sha256`: the output it stands beside was made from that input.
+fn stamp_matches(stamp: &Path, sha256: &str) -> bool {
+    std::fs::read_to_string(stamp).is_ok_and(|s| s.trim() == sha256)
+}
+
 /// `wasm-opt -Oz input -o out`, skipped when `out` was made from the same input; a copy
 /// when binaryen cannot be installed.
-fn optimise(input: &[u8], out: &Path) -> Result<()> {
+fn optimise(input: &Path, out: &Path) -> Result<()> {
     let stamp = out.with_extension("source-sha256");
-    let source_sha = format!("{:x}", Sha256::digest(input));
-    if out.is_file() && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == source_sha) {
+    let source_sha = sha256_hex(input)?;
+    if out.is_file() && stamp_matches(&stamp, &source_sha) {
         return Ok(());
     }
-    let unoptimised = out.with_extension("unoptimised.wasm");
-    std::fs::write(&unoptimised, input)?;
     match wasm_opt() {
         Some(wasm_opt) => {
             eprintln!(
@@ -455,15 +458,14 @@ fn optimise(input: &[u8], out: &Path) -> Result<()> {
             );
             run(Command::new(wasm_opt)
                 .arg("-Oz")
-                .arg(&unoptimised)
+                .arg(input)
                 .arg("-o")
                 .arg(out))?;
         }
         None => {
-            std::fs::copy(&unoptimised, out)?;
+            std::fs::copy(input, out)?;
         }
     }
-    std::fs::remove_file(&unoptimised)?;
     std::fs::write(&stamp, &source_sha)?;
     Ok(())
 }
@@ -491,18 +493,21 @@ fn dist() -> Result<PathBuf> {
     let web = dist.join("web");
     std::fs::create_dir_all(&web)?;
 
-    let raw = std::fs::read(compile_edge(Flavour::Raw)?)?;
+    // Both flavours link to the same file: each is optimised out of it before the next build.
+    let built = compile_edge(Flavour::Raw)?;
+    let raw = std::fs::read(&built)?;
     let raw_out = dist.join("edge.wasm");
-    optimise(&raw, &raw_out)?;
+    optimise(&built, &raw_out)?;
 
     // wasm-opt before wasm-bindgen, not after: Debian's wasm-opt (version 108) turns the
     // externref table that wasm-bindgen adds into one the JS glue cannot fill. The name
     // `edgerec.wasm` gives the glue its default path, `edgerec_bg.wasm`.
-    let web_raw = std::fs::read(compile_edge(Flavour::Web)?)?;
+    let built = compile_edge(Flavour::Web)?;
+    let web_raw = std::fs::read(&built)?;
     let staging = dist.join("web-staging");
     std::fs::create_dir_all(&staging)?;
     let web_optimised = staging.join("edgerec.wasm");
-    optimise(&web_raw, &web_optimised)?;
+    optimise(&built, &web_optimised)?;
     wasm_bindgen_cli_support::Bindgen::new()
         .input_path(&web_optimised)
         .out_name("edgerec")
