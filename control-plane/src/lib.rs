@@ -18,6 +18,7 @@ pub mod experiments;
 pub mod feedback;
 pub mod ingest;
 pub mod latency;
+pub mod lazy_adam;
 pub mod movielens;
 pub mod object_store;
 pub mod onnx_export;

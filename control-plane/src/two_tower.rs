@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
 use candle_core::{D, DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Embedding, Linear, Module, Optimizer, ParamsAdamW};
+use candle_nn::{Embedding, Linear, Module, ParamsAdamW};
 use edge::preprocess::Preprocessor;
 use edge::tower::{UserTowerInput, UserTowerSpec, Viewer, age_bucket_rows, encode_user};
 use edge::{EngagementRules, User, Video, engagement_weight};
@@ -32,6 +32,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::config::TwoTowerConfig;
 use crate::eval::{self, EvalSet, EvalUser, Part, Retriever};
+use crate::lazy_adam::{LazyAdamW, SparseRows};
 use crate::split::Split;
 
 /// Child categories pooled per video.
@@ -248,12 +249,47 @@ impl UserBatch {
     }
 }
 
-/// Weighted mean of embedding rows: `[B, W]` rows and weights -> `[B, E]`.
-fn pool(table: &Embedding, rows: &Tensor, weights: &Tensor) -> candle_core::Result<Tensor> {
-    table
-        .forward(rows)?
-        .broadcast_mul(&weights.unsqueeze(2)?)?
-        .sum(1)
+/// Tables above this many weights are trained lazily (only the rows a batch reads, see
+/// `lazy_adam`); smaller ones densely, as plain Adam does, since a step over all their
+/// rows costs about what the batch does. MovieLens-100k's tables (the largest is the 8,193
+/// title-word buckets) all stay dense; at 200,000 viewers and 50,000 videos the user and
+/// video tables hold 16M weights, and dense steps over them were nearly all of training.
+const LAZY_TABLE_WEIGHTS: usize = 1 << 20;
+
+fn trained_lazily(table: &Embedding) -> bool {
+    table.embeddings().elem_count() > LAZY_TABLE_WEIGHTS
+}
+
+/// Where the towers read embedding rows: the tables themselves, or in training per-batch
+/// copies of the rows used from the lazily trained tables, whose gradients stay the size of
+/// the batch.
+#[derive(Clone, Copy)]
+enum Lookup<'a> {
+    Tables,
+    Sparse(&'a SparseRows),
+}
+
+impl Lookup<'_> {
+    fn rows(self, table: &Embedding, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Lookup::Sparse(sparse) if trained_lazily(table) => {
+                sparse.lookup(table.embeddings(), ids)
+            }
+            _ => table.forward(ids),
+        }
+    }
+
+    /// Weighted mean of embedding rows: `[B, W]` rows and weights -> `[B, E]`.
+    fn pool(
+        self,
+        table: &Embedding,
+        ids: &Tensor,
+        weights: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        self.rows(table, ids)?
+            .broadcast_mul(&weights.unsqueeze(2)?)?
+            .sum(1)
+    }
 }
 
 fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -422,19 +458,19 @@ impl TwoTower {
         })
     }
 
-    fn users(&self, batch: &UserBatch) -> candle_core::Result<Tensor> {
+    fn users(&self, batch: &UserBatch, lookup: Lookup<'_>) -> candle_core::Result<Tensor> {
         let x = Tensor::cat(
             &[
-                pool(&self.video, &batch.history_videos, &batch.history_weights)?,
-                pool(
+                lookup.pool(&self.video, &batch.history_videos, &batch.history_weights)?,
+                lookup.pool(
                     &self.category,
                     &batch.history_categories,
                     &batch.history_weights,
                 )?,
-                self.country.forward(&batch.country)?,
-                self.language.forward(&batch.language)?,
-                self.age_bucket.forward(&batch.age_bucket)?,
-                self.user.forward(&batch.user)?,
+                lookup.rows(&self.country, &batch.country)?,
+                lookup.rows(&self.language, &batch.language)?,
+                lookup.rows(&self.age_bucket, &batch.age_bucket)?,
+                lookup.rows(&self.user, &batch.user)?,
                 batch.dense.clone(),
             ],
             1,
@@ -442,34 +478,38 @@ impl TwoTower {
         l2_normalize(&self.user_mlp.forward(&x)?)
     }
 
-    fn videos(&self, inputs: &VideoInputs, rows: &Tensor) -> candle_core::Result<Tensor> {
+    fn videos(
+        &self,
+        inputs: &VideoInputs,
+        rows: &Tensor,
+        lookup: Lookup<'_>,
+    ) -> candle_core::Result<Tensor> {
         let pick = |t: &Tensor| t.index_select(rows, 0);
         let x = Tensor::cat(
             &[
-                self.video.forward(&pick(&inputs.video)?)?,
-                self.category.forward(&pick(&inputs.category)?)?,
-                pool(
+                lookup.rows(&self.video, &pick(&inputs.video)?)?,
+                lookup.rows(&self.category, &pick(&inputs.category)?)?,
+                lookup.pool(
                     &self.category,
                     &pick(&inputs.children)?,
                     &pick(&inputs.children_weights)?,
                 )?,
                 match (&self.title, &inputs.title) {
                     (TitleLayer::Words(table), TitleInput::Words { rows, weights }) => {
-                        pool(table, &pick(rows)?, &pick(weights)?)?
+                        lookup.pool(table, &pick(rows)?, &pick(weights)?)?
                     }
                     (TitleLayer::Sentences(projection), TitleInput::Sentences(vectors)) => {
                         projection.forward(&pick(vectors)?)?
                     }
                     _ => candle_core::bail!("title layer and title inputs differ in kind"),
                 },
-                pool(
+                lookup.pool(
                     &self.tag,
                     &pick(&inputs.tags)?,
                     &pick(&inputs.tags_weights)?,
                 )?,
-                self.duration_bucket
-                    .forward(&pick(&inputs.duration_bucket)?)?,
-                self.language.forward(&pick(&inputs.language)?)?,
+                lookup.rows(&self.duration_bucket, &pick(&inputs.duration_bucket)?)?,
+                lookup.rows(&self.language, &pick(&inputs.language)?)?,
                 pick(&inputs.dense)?,
             ],
             1,
@@ -555,7 +595,10 @@ impl TwoTower {
     /// User embeddings (row-major `[inputs.len(), output_dim]`) computed by candle.
     pub fn user_embeddings(&self, inputs: &[UserTowerInput]) -> Result<Vec<f32>, TrainError> {
         let batch = UserBatch::new(inputs, &Device::Cpu)?;
-        Ok(self.users(&batch)?.flatten_all()?.to_vec1::<f32>()?)
+        Ok(self
+            .users(&batch, Lookup::Tables)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
     }
 
     fn snapshot(&self) -> candle_core::Result<Vec<Tensor>> {
@@ -570,6 +613,32 @@ impl TwoTower {
             var.set(saved)?;
         }
         Ok(())
+    }
+
+    /// The weights as (dense, large tables trained row by row).
+    fn trained_vars(&self) -> (Vec<Var>, Vec<Var>) {
+        let lazy: Vec<&Tensor> = [
+            &self.video,
+            &self.category,
+            &self.tag,
+            &self.country,
+            &self.language,
+            &self.age_bucket,
+            &self.duration_bucket,
+            &self.user,
+        ]
+        .into_iter()
+        .chain(match &self.title {
+            TitleLayer::Words(table) => Some(table),
+            TitleLayer::Sentences(_) => None,
+        })
+        .filter(|table| trained_lazily(table))
+        .map(|table| table.embeddings())
+        .collect();
+        self.vars
+            .iter()
+            .map(|(_, var)| var.clone())
+            .partition(|var| !lazy.iter().any(|table| table.id() == var.id()))
     }
 
     /// The weights by name (for saving as safetensors).
@@ -752,7 +821,7 @@ impl TrainedRetriever<'_> {
             let rows = Tensor::from_vec(rows.clone(), rows.len(), &self.device)?;
             all.extend(
                 self.model
-                    .videos(&self.inputs, &rows)?
+                    .videos(&self.inputs, &rows, Lookup::Tables)?
                     .flatten_all()?
                     .to_vec1::<f32>()?,
             );
@@ -777,7 +846,11 @@ impl TrainedRetriever<'_> {
             &self.categories,
         );
         let batch = UserBatch::new(&[input], &self.device)?;
-        Ok(self.model.users(&batch)?.flatten_all()?.to_vec1::<f32>()?)
+        Ok(self
+            .model
+            .users(&batch, Lookup::Tables)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
     }
 }
 
@@ -874,13 +947,10 @@ pub fn train<'a>(
         .collect();
     let catalogue = inputs.ids.len() as u32;
 
-    let mut optimizer = AdamW::new(
-        retriever
-            .model
-            .vars
-            .iter()
-            .map(|(_, v)| v.clone())
-            .collect(),
+    let (dense, tables) = retriever.model.trained_vars();
+    let mut optimizer = LazyAdamW::new(
+        dense,
+        tables,
         ParamsAdamW {
             lr: config.learning_rate,
             ..ParamsAdamW::default()
@@ -931,16 +1001,17 @@ pub fn train<'a>(
             let extra: Vec<u32> = (0..config.extra_negatives)
                 .map(|_| rng.random_range(0..catalogue))
                 .collect();
+            let sparse = SparseRows::default();
             let loss = batch_loss(
                 &retriever,
+                Lookup::Sparse(&sparse),
                 &batch,
                 &extra,
                 &user_inputs,
                 &positive_share,
                 config.temperature,
-                &device,
             )?;
-            optimizer.backward_step(&loss)?;
+            optimizer.backward_step_sparse(&loss, &sparse)?;
             loss_sum += f64::from(loss.to_scalar::<f32>()?);
             batches += 1;
             bar.inc(chunk.len() as u64);
@@ -988,13 +1059,14 @@ pub fn train<'a>(
 /// logQ correction for a mixed proposal.
 fn batch_loss(
     retriever: &TrainedRetriever<'_>,
+    lookup: Lookup<'_>,
     batch: &[&Example],
     extra: &[u32],
     user_inputs: &[UserTowerInput],
     positive_share: &[f64],
     temperature: f64,
-    device: &Device,
 ) -> Result<Tensor, TrainError> {
+    let device = &retriever.device;
     let b = batch.len();
     let positives: Vec<u32> = batch.iter().map(|e| e.video_row).collect();
     let candidates: Vec<u32> = positives.iter().chain(extra).copied().collect();
@@ -1016,8 +1088,10 @@ fn batch_loss(
     let candidates = Tensor::from_vec(candidates, c, device)?;
     let users = retriever
         .model
-        .users(&UserBatch::new(user_inputs, device)?)?;
-    let videos = retriever.model.videos(&retriever.inputs, &candidates)?;
+        .users(&UserBatch::new(user_inputs, device)?, lookup)?;
+    let videos = retriever
+        .model
+        .videos(&retriever.inputs, &candidates, lookup)?;
     let logits = (users.matmul(&videos.t()?)? / temperature)?
         .broadcast_sub(&Tensor::from_vec(correction, (1, c), device)?)?
         .add(&Tensor::from_vec(mask, (b, c), device)?)?;
