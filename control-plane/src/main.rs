@@ -1,6 +1,5 @@
 //! `control-plane`: the command line over the control plane's library.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -604,11 +603,7 @@ fn encode_titles(
         return Ok(None);
     }
     let encoder = control_plane::title_encoder::TitleEncoder::load(folder)?;
-    let bar = if std::io::stderr().is_terminal() {
-        control_plane::progress::bar(distinct as u64, "titles", "titles")
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = control_plane::progress::bar(distinct as u64, "titles", "titles");
     let started = Instant::now();
     let vectors = encoder.encode(&titles, |done| bar.set_position(done as u64))?;
     bar.finish_and_clear();
@@ -771,7 +766,7 @@ fn run(cli: Cli) -> Result<()> {
                 seed: args.seed,
             };
             let started = Instant::now();
-            let generated = generate(&config, &args.out, std::io::stderr().is_terminal())?;
+            let generated = generate(&config, &args.out, true)?;
             let seconds = started.elapsed().as_secs_f64();
             println!(
                 "generated {} users, {} videos, {} channels, {} interactions ({} engaged views) into {} in {:.2} s ({:.0} interaction rows/s)",
@@ -880,12 +875,10 @@ fn run(cli: Cli) -> Result<()> {
                 rules: &config.engagement,
                 title_vectors: title_vectors.as_deref(),
             };
-            let (trained, report) = control_plane::two_tower::train(
-                &data,
-                &config.two_tower,
-                std::io::stderr().is_terminal(),
-                |line| eprintln!("{line}"),
-            )?;
+            let (trained, report) =
+                control_plane::two_tower::train(&data, &config.two_tower, true, |line| {
+                    eprintln!("{line}")
+                })?;
             let set = EvalSet::new(&parts, &dataset.videos, &config.engagement, Part::Test);
             let histories =
                 training_histories(&parts, &dataset.videos, &config.engagement, Part::Test);
@@ -1030,11 +1023,11 @@ fn run(cli: Cli) -> Result<()> {
                     validation.requests(),
                 );
                 let (kinds, names) = (column_kinds(), column_names());
-                let bar = if std::io::stderr().is_terminal() {
-                    control_plane::progress::bar(config.ranker.iterations as u64, "ranker", "trees")
-                } else {
-                    indicatif::ProgressBar::hidden()
-                };
+                let bar = control_plane::progress::bar(
+                    config.ranker.iterations as u64,
+                    "ranker",
+                    "trees",
+                );
                 let validation_rows = validation.rows(&kinds, &names);
                 let (model, report) = control_plane::ranker_train::train_ranker(
                     &train.rows(&kinds, &names),

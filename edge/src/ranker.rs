@@ -223,6 +223,10 @@ pub struct RankerModel {
     /// Every bin fits a byte (at most 255 borders per column, as with CatBoost's default
     /// 254): the evaluator then compares 16 candidates per 128-bit SIMD operation, not 8.
     narrow_bins: bool,
+    /// Every tree's leaf values padded to `1 << max_depth` (when that is at most 256), one
+    /// tree after another: with a power-of-two table per tree, a masked leaf index needs no
+    /// bounds check in the evaluator's inner loop.
+    padded_leaves: Vec<f64>,
 }
 
 /// Where binary feature `b` comes from in the quantized rows: it holds when the row's
@@ -459,7 +463,22 @@ impl RankerModel {
         let narrow_bins = float_features.iter().all(|f| f.borders.len() <= 255)
             && ctrs.iter().all(|c| c.borders.len() <= 255);
         let max_depth = trees.iter().map(|t| t.splits.len()).max().unwrap_or(0);
+        let padded_leaves = if max_depth <= 8 {
+            trees
+                .iter()
+                .flat_map(|tree| {
+                    let padding = (1 << max_depth) - tree.leaf_values.len();
+                    tree.leaf_values
+                        .iter()
+                        .copied()
+                        .chain(std::iter::repeat_n(0.0, padding))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(Self {
+            padded_leaves,
             float_features,
             cat_features,
             ctrs,
@@ -581,7 +600,12 @@ impl RankerModel {
             let start = source.column as usize * n;
             (&bins[start..start + n], B::threshold(source.threshold))
         };
-        for block in self.trees.chunks(TREE_BLOCK) {
+        let stride = if self.padded_leaves.is_empty() {
+            0
+        } else {
+            1 << self.max_depth
+        };
+        for (index, block) in self.trees.chunks(TREE_BLOCK).enumerate() {
             for (tree, leaves) in block.iter().zip(leaves.chunks_exact_mut(n)) {
                 // All levels of a tree in one pass over the candidates: one write per
                 // candidate instead of one per level.
@@ -615,7 +639,25 @@ impl RankerModel {
                     }
                 }
             }
-            if let [t0, t1, t2, t3] = block {
+            if block.len() == TREE_BLOCK && stride > 0 {
+                let start = index * TREE_BLOCK * stride;
+                let values = &self.padded_leaves[start..start + TREE_BLOCK * stride];
+                let (l0, rest) = leaves.split_at(n);
+                let (l1, rest) = rest.split_at(n);
+                let (l2, l3) = rest.split_at(n);
+                let leaves = [l0, l1, l2, &l3[..n]];
+                match stride {
+                    1 => add_block::<L, 1>(values, leaves, sums),
+                    2 => add_block::<L, 2>(values, leaves, sums),
+                    4 => add_block::<L, 4>(values, leaves, sums),
+                    8 => add_block::<L, 8>(values, leaves, sums),
+                    16 => add_block::<L, 16>(values, leaves, sums),
+                    32 => add_block::<L, 32>(values, leaves, sums),
+                    64 => add_block::<L, 64>(values, leaves, sums),
+                    128 => add_block::<L, 128>(values, leaves, sums),
+                    _ => add_block::<L, 256>(values, leaves, sums),
+                }
+            } else if let [t0, t1, t2, t3] = block {
                 // One load and store of each sum per block of trees; the additions stay
                 // in tree order, so the sums are the same bits as tree by tree.
                 let (l0, rest) = leaves.split_at(n);
@@ -795,6 +837,33 @@ impl RankerModel {
                 self.ctr_value(ctr, self.ctr_key(ctr, rows, row)) > border
             }
         }
+    }
+}
+
+/// Adds a block of four trees' leaf values to each candidate's sum, in tree order (the same
+/// bits as tree by tree). `values` holds the four trees' tables of `LEAVES` values each; a
+/// leaf index masked to `LEAVES - 1` is provably in range, so the loop has no bounds checks
+/// and keeps each table's address in a register.
+fn add_block<L: Leaf, const LEAVES: usize>(
+    values: &[f64],
+    leaves: [&[L]; TREE_BLOCK],
+    sums: &mut [f64],
+) {
+    let table = |tree: usize| -> &[f64; LEAVES] {
+        values[tree * LEAVES..(tree + 1) * LEAVES]
+            .try_into()
+            .expect("a table of LEAVES values")
+    };
+    let (v0, v1, v2, v3) = (table(0), table(1), table(2), table(3));
+    let [l0, l1, l2, l3] = leaves;
+    let mask = LEAVES - 1;
+    for ((((sum, a), b), c), d) in sums.iter_mut().zip(l0).zip(l1).zip(l2).zip(l3) {
+        let mut s = *sum;
+        s += v0[a.index() & mask];
+        s += v1[b.index() & mask];
+        s += v2[c.index() & mask];
+        s += v3[d.index() & mask];
+        *sum = s;
     }
 }
 

@@ -327,7 +327,11 @@ fn every_depth_and_both_bin_widths_agree_with_the_walk() {
     )
     .unwrap();
     assert!(base.narrow_bins && !wide.narrow_bins);
-    for model in [base, wide] {
+    // The deepest tree sets the evaluator's leaf table width (2^8, 2^6, 2^3).
+    for (model, max_depth) in [base, wide]
+        .into_iter()
+        .flat_map(|m| [8, 6, 3].map(|d| (m.clone(), d)))
+    {
         let binary = model.binary.len() as u64;
         let mut state = 11_u64;
         let mut next = move || {
@@ -336,10 +340,10 @@ fn every_depth_and_both_bin_widths_agree_with_the_walk() {
                 .wrapping_add(1_442_695_040_888_963_407);
             state >> 33
         };
-        // Depths 0 to 8, twice, in a mixed order.
+        // Depths 0 to `max_depth`, in a mixed order, with a partial block of trees at the end.
         let trees = (0..18)
             .map(|t| {
-                let depth = (t * 5) % 9;
+                let depth = (t * 5) % (max_depth + 1);
                 ObliviousTree {
                     splits: (0..depth).map(|_| (next() % binary) as u32).collect(),
                     leaf_values: (0..1 << depth).map(|_| next() as f64 / 1e10).collect(),
