@@ -18,6 +18,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
 use edge::{EngagementRules, Interaction, Video, engagement_weight};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::split::Split;
@@ -26,7 +28,7 @@ use crate::split::Split;
 pub const CUTOFFS: [usize; 4] = [10, 20, 50, 100];
 
 /// One evaluated user.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct EvalUser {
     /// Who.
     pub user_id: u64,
@@ -125,6 +127,25 @@ impl EvalSet {
             users,
             catalogue: videos.iter().map(|v| v.video_id).collect(),
         }
+    }
+}
+
+impl EvalSet {
+    /// At most `max_users` of the users: all of them, or a sample drawn with `seed` (kept
+    /// in user order), so large data sets evaluate in minutes and every run the same way.
+    pub fn at_most(mut self, max_users: usize, seed: u64) -> Self {
+        if self.users.len() > max_users {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let mut kept: Vec<usize> =
+                rand::seq::index::sample(&mut rng, self.users.len(), max_users).into_vec();
+            kept.sort_unstable();
+            let mut users = std::mem::take(&mut self.users);
+            self.users = kept
+                .into_iter()
+                .map(|i| std::mem::take(&mut users[i]))
+                .collect();
+        }
+        self
     }
 }
 

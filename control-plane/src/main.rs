@@ -684,7 +684,10 @@ fn with_two_tower(
     };
     let retriever =
         control_plane::two_tower::TrainedRetriever::load(saved.tensors, saved.spec, &data)?;
-    let set = EvalSet::new(&parts, &dataset.videos, &config.engagement, Part::Test);
+    let set = sampled(
+        EvalSet::new(&parts, &dataset.videos, &config.engagement, Part::Test),
+        config,
+    );
     anyhow::ensure!(
         !set.users.is_empty(),
         "no user of {} has a positive interaction in the test part: nothing to evaluate",
@@ -743,6 +746,19 @@ fn load_config(path: Option<&Path>) -> Result<Config> {
         Some(path) => Ok(Config::load(path)?),
         None => Ok(Config::default()),
     }
+}
+
+/// `set` cut to `eval.max_users` (seeded), saying so when it samples.
+fn sampled(set: EvalSet, config: &Config) -> EvalSet {
+    let all = set.users.len();
+    let set = set.at_most(config.eval.max_users, config.two_tower.seed);
+    if set.users.len() < all {
+        eprintln!(
+            "evaluating a seeded sample of {} of {all} users (eval.max_users)",
+            set.users.len()
+        );
+    }
+    set
 }
 
 fn main() -> std::process::ExitCode {
@@ -879,7 +895,10 @@ fn run(cli: Cli) -> Result<()> {
                 control_plane::two_tower::train(&data, &config.two_tower, true, |line| {
                     eprintln!("{line}")
                 })?;
-            let set = EvalSet::new(&parts, &dataset.videos, &config.engagement, Part::Test);
+            let set = sampled(
+                EvalSet::new(&parts, &dataset.videos, &config.engagement, Part::Test),
+                &config,
+            );
             let histories =
                 training_histories(&parts, &dataset.videos, &config.engagement, Part::Test);
             let comparison = Comparison {
@@ -956,7 +975,10 @@ fn run(cli: Cli) -> Result<()> {
             let config = load_config(args.config.as_deref())?;
             let (dataset, split_dir, parts) = load_split(&args.data, args.split)?;
             let rules = &config.engagement;
-            let set = EvalSet::new(&parts, &dataset.videos, rules, args.part);
+            let set = sampled(
+                EvalSet::new(&parts, &dataset.videos, rules, args.part),
+                &config,
+            );
             anyhow::ensure!(
                 !set.users.is_empty(),
                 "no user of {} has a positive interaction in the {:?} part: nothing to evaluate",

@@ -956,7 +956,8 @@ pub fn train<'a>(
             ..ParamsAdamW::default()
         },
     )?;
-    let validation = EvalSet::new(data.split, data.videos, data.rules, Part::Validation);
+    let validation = EvalSet::new(data.split, data.videos, data.rules, Part::Validation)
+        .at_most(config.validation_users, config.seed);
 
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x5eed);
     let mut order: Vec<usize> = (0..examples.len()).collect();
