@@ -266,28 +266,62 @@ fn check_borders(borders: &[f32], part: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// A CTR table as sorted keys and their counts side by side: a binary search over
-/// contiguous keys is faster than a tree walk, and serving looks up every CTR of every
-/// candidate.
+/// A CTR table as an open-addressing hash table over its keys, with the counts side by
+/// side: serving looks up every CTR of every candidate, and one probe into a table at most
+/// half full beats a binary search's eight dependent steps.
 #[derive(Debug, Clone, PartialEq)]
 struct CtrIndex {
-    keys: Vec<u64>,
+    /// `slots[i]`: the key stored there and its entry, or `EMPTY_SLOT`.
+    slots: Vec<(u64, u32)>,
+    shift: u32,
     counts: Vec<u32>,
     width: usize,
 }
 
+const EMPTY_SLOT: u32 = u32::MAX;
+
 impl CtrIndex {
     fn of(table: &CtrTable) -> Self {
-        Self {
-            keys: table.counts.keys().copied().collect(),
+        let bits = (table.counts.len() * 2)
+            .next_power_of_two()
+            .trailing_zeros()
+            .max(1);
+        let mut index = Self {
+            slots: vec![(0, EMPTY_SLOT); 1 << bits],
+            shift: 64 - bits,
             counts: table.counts.values().flatten().copied().collect(),
             width: table.width,
+        };
+        for (entry, &key) in table.counts.keys().enumerate() {
+            let mut slot = index.home(key);
+            while index.slots[slot].1 != EMPTY_SLOT {
+                slot = (slot + 1) & (index.slots.len() - 1);
+            }
+            index.slots[slot] = (key, entry as u32);
         }
+        index
+    }
+
+    /// Fibonacci hashing: CatBoost's keys are products whose low bits mix poorly, so the
+    /// slot comes from the high bits of a multiply.
+    fn home(&self, key: u64) -> usize {
+        (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize
     }
 
     fn get(&self, key: u64) -> Option<&[u32]> {
-        let at = self.keys.binary_search(&key).ok()?;
-        Some(&self.counts[at * self.width..(at + 1) * self.width])
+        let mask = self.slots.len() - 1;
+        let mut slot = self.home(key);
+        loop {
+            let (stored, entry) = self.slots[slot];
+            if entry == EMPTY_SLOT {
+                return None;
+            }
+            if stored == key {
+                let at = entry as usize;
+                return Some(&self.counts[at * self.width..(at + 1) * self.width]);
+            }
+            slot = (slot + 1) & mask;
+        }
     }
 }
 
