@@ -55,13 +55,21 @@ fn a_capped_evaluation_keeps_a_seeded_sample_in_user_order() {
         ..
     } = common::movielens();
     let full = EvalSet::new(&parts, &dataset.videos, &rules, Part::Test);
-    assert_eq!(full.clone().at_most(943, 1), full, "under the cap: all users");
+    assert_eq!(
+        full.clone().at_most(943, 1),
+        full,
+        "under the cap: all users"
+    );
 
     let sample = full.clone().at_most(200, 7);
     assert_eq!(sample.users.len(), 200);
     assert_eq!(sample.catalogue, full.catalogue);
     assert!(sample.users.windows(2).all(|w| w[0].user_id < w[1].user_id));
     assert!(sample.users.iter().all(|u| full.users.contains(u)));
-    assert_eq!(sample, full.clone().at_most(200, 7), "same seed, same users");
+    assert_eq!(
+        sample,
+        full.clone().at_most(200, 7),
+        "same seed, same users"
+    );
     assert_ne!(sample, full.at_most(200, 8), "another seed, other users");
 }
