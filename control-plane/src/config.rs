@@ -343,6 +343,13 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_configs_parse() {
+        let ten_million = Config::parse(include_str!("../../configs/synthetic-10m.toml")).unwrap();
+        assert_eq!(ten_million.two_tower.epochs, 2);
+        assert_eq!(ten_million.ranker.iterations, 300);
+    }
+
+    #[test]
     fn defaults_round_trip_through_toml() {
         let text = Config::default().to_toml();
         assert_eq!(Config::parse(&text).unwrap(), Config::default());
