@@ -251,6 +251,17 @@ impl Rule {
             *w = *w * self.decay - self.lr * step;
         }
     }
+
+    /// Updates row `row` of a table (rows as long as `grad`) and its moments.
+    fn apply_row(&self, row: usize, grad: &[f32], weights: &mut [f32], moments: &mut Moments) {
+        let span = row * grad.len()..(row + 1) * grad.len();
+        self.apply(
+            &mut weights[span.clone()],
+            grad,
+            &mut moments.first[span.clone()],
+            &mut moments.second[span],
+        );
+    }
 }
 
 fn weights_of<'s>(
@@ -292,7 +303,6 @@ impl InplaceOp2 for NonZeroRows<'_> {
         let grads = &grads.as_slice::<f32>()?[start..end];
         let weights = weights_of(weights, weights_layout)?;
         let mut moments = self.moments.borrow_mut();
-        let Moments { first, second } = &mut **moments;
         if weights.len() != grads.len() {
             candle_core::bail!(
                 "lazy AdamW: {} weights, {} gradients",
@@ -305,13 +315,7 @@ impl InplaceOp2 for NonZeroRows<'_> {
             if grad.iter().all(|&g| g == 0.0) {
                 continue;
             }
-            let span = row * width..(row + 1) * width;
-            self.rule.apply(
-                &mut weights[span.clone()],
-                grad,
-                &mut first[span.clone()],
-                &mut second[span],
-            );
+            self.rule.apply_row(row, grad, weights, &mut moments);
         }
         Ok(())
     }
@@ -334,19 +338,13 @@ impl InplaceOp1 for GatheredRows<'_> {
     fn cpu_fwd(&self, weights: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
         let weights = weights_of(weights, layout)?;
         let mut moments = self.moments.borrow_mut();
-        let Moments { first, second } = &mut **moments;
         let width = self.width;
         for (&row, grad) in self.rows.iter().zip(self.grads.chunks_exact(width)) {
-            let span = row as usize * width..(row as usize + 1) * width;
-            if span.end > weights.len() {
+            if (row as usize + 1) * width > weights.len() {
                 candle_core::bail!("lazy AdamW: row {row} is outside the table");
             }
-            self.rule.apply(
-                &mut weights[span.clone()],
-                grad,
-                &mut first[span.clone()],
-                &mut second[span],
-            );
+            self.rule
+                .apply_row(row as usize, grad, weights, &mut moments);
         }
         Ok(())
     }
