@@ -128,9 +128,7 @@ impl EvalSet {
             catalogue: videos.iter().map(|v| v.video_id).collect(),
         }
     }
-}
 
-impl EvalSet {
     /// At most `max_users` of the users: all of them, or a sample drawn with `seed` (kept
     /// in user order), so large data sets evaluate in minutes and every run the same way.
     pub fn at_most(mut self, max_users: usize, seed: u64) -> Self {
