@@ -79,10 +79,11 @@ impl SparseRows {
         width: usize,
         grads: &GradStore,
     ) -> candle_core::Result<(Vec<u32>, Vec<f32>)> {
+        let lookups = self.lookups.borrow();
         let mut parts = Vec::new();
-        for lookup in self.lookups.borrow().iter().filter(|l| l.table == table) {
+        for lookup in lookups.iter().filter(|l| l.table == table) {
             if let Some(grad) = grads.get(lookup.copy.as_tensor()) {
-                parts.push((lookup.rows.clone(), grad.flatten_all()?.to_vec1::<f32>()?));
+                parts.push((&lookup.rows, grad.flatten_all()?.to_vec1::<f32>()?));
             }
         }
         let mut entries: Vec<(u32, usize, usize)> = parts
