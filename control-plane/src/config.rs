@@ -70,6 +70,9 @@ pub struct TwoTowerConfig {
     /// most this many validation users, a seeded sample above that: at 50,000 videos a
     /// user costs about a millisecond, and 10,000 users measure recall@50 to about +-0.005.
     pub validation_users: usize,
+    /// How the published tower stores its embedding tables: `"int8"` (one f32 scale per
+    /// row; a quarter of the bytes) or `"f32"` (as trained).
+    pub table_precision: crate::onnx_export::TablePrecision,
 }
 
 /// Offline evaluation settings.
@@ -103,6 +106,7 @@ impl Default for TwoTowerConfig {
             title_model: None,
             max_title_sentences: 200_000,
             validation_users: 10_000,
+            table_precision: crate::onnx_export::TablePrecision::Int8,
         }
     }
 }

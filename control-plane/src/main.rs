@@ -925,7 +925,10 @@ fn run(cli: Cli) -> Result<()> {
                 out.join("model.safetensors"),
             )?;
             std::fs::write(out.join("preprocessor.msgpack"), preprocessor.to_bytes())?;
-            let onnx = control_plane::onnx_export::export_user_tower(&trained.model)?;
+            let onnx = control_plane::onnx_export::export_user_tower(
+                &trained.model,
+                config.two_tower.table_precision,
+            )?;
             std::fs::write(out.join("user_tower.onnx"), &onnx)?;
             let (ids, vectors) = trained.video_embeddings();
             // The shard serves user embeddings: calibrate its default beam width on those

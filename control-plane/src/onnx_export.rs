@@ -4,6 +4,13 @@
 //! The graph takes the inputs documented in `edge::tower` and computes exactly what the
 //! candle model computes: Gather + weighted ReduceSum for the pooled history, Gather for
 //! the categorical embeddings, Concat, Gemm/Relu layers, and L2 normalisation.
+//!
+//! The embedding tables are most of the tower (a 100,000-video catalogue's id table alone
+//! is 25.6 MB in f32) and are only ever read row by row, so by default they are exported
+//! as int8 rows with one f32 scale per row ([`TablePrecision::Int8`]): a lookup is
+//! Gather, Cast, and a Mul by the row's gathered scale. That is a quarter of the bytes to
+//! ship and to parse at every cold start, for an error of at most half a quantization
+//! step (`max |row| / 254`) per weight.
 
 use std::collections::HashMap;
 
@@ -22,6 +29,49 @@ const NORM_FLOOR: f32 = 1e-12;
 
 const FLOAT: i32 = pb::tensor_proto::DataType::Float as i32;
 const INT64: i32 = pb::tensor_proto::DataType::Int64 as i32;
+const INT8: i32 = pb::tensor_proto::DataType::Int8 as i32;
+
+/// How the tower's embedding tables are stored in the exported graph.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TablePrecision {
+    /// Each row as int8 with one f32 scale (`row = scale * q`, symmetric, `|q| <= 127`).
+    #[default]
+    Int8,
+    /// The trained f32 values, bit for bit.
+    F32,
+}
+
+/// `rows x width` values as symmetric int8 rows and one scale per row: the largest
+/// magnitude of a row maps to 127, an all-zero row gets scale 0.
+pub fn quantize_rows(values: &[f32], width: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut quantized = Vec::with_capacity(values.len());
+    let mut scales = Vec::with_capacity(values.len() / width.max(1));
+    for row in values.chunks(width.max(1)) {
+        let largest = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let scale = largest / 127.0;
+        scales.push(scale);
+        quantized.extend(row.iter().map(|&v| {
+            if scale > 0.0 {
+                (v / scale).round().clamp(-127.0, 127.0) as i8
+            } else {
+                0
+            }
+        }));
+    }
+    (quantized, scales)
+}
+
+/// What [`TablePrecision::Int8`] serves in place of `values`: each weight as its row's
+/// scale times its int8 value, computed in f32 as the runtimes do.
+pub fn dequantized_rows(values: &[f32], width: usize) -> Vec<f32> {
+    let (quantized, scales) = quantize_rows(values, width);
+    quantized
+        .chunks(width.max(1))
+        .zip(scales)
+        .flat_map(|(row, scale)| row.iter().map(move |&q| f32::from(q) * scale))
+        .collect()
+}
 
 /// Why the tower could not be exported.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +88,7 @@ struct Graph {
     nodes: Vec<pb::NodeProto>,
     initializers: Vec<pb::TensorProto>,
     weights: HashMap<String, Tensor>,
+    tables: TablePrecision,
 }
 
 fn attribute_int(name: &str, value: i64) -> pb::AttributeProto {
@@ -93,12 +144,24 @@ impl Graph {
         });
     }
 
+    /// Written as `raw_data` (little-endian bytes, as ONNX specifies): readers copy it
+    /// whole, where `float_data` is decoded value by value.
     fn floats(&mut self, name: &str, dims: Vec<i64>, values: Vec<f32>) {
         self.initializers.push(pb::TensorProto {
             name: name.to_owned(),
             dims,
             data_type: FLOAT,
-            float_data: values,
+            raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ..Default::default()
+        });
+    }
+
+    fn int8s(&mut self, name: &str, dims: Vec<i64>, values: Vec<i8>) {
+        self.initializers.push(pb::TensorProto {
+            name: name.to_owned(),
+            dims,
+            data_type: INT8,
+            raw_data: values.iter().map(|&v| v as u8).collect(),
             ..Default::default()
         });
     }
@@ -116,15 +179,54 @@ impl Graph {
     /// Copies a model weight into the graph under `weights.NAME` (some weights share a
     /// name with an input, e.g. `country`); returns that name and the dims.
     fn weight(&mut self, name: &str) -> Result<(String, Vec<i64>), ExportError> {
+        let (dims, values) = self.values(name)?;
+        let initializer = format!("weights.{name}");
+        self.floats(&initializer, dims.clone(), values);
+        Ok((initializer, dims))
+    }
+
+    fn values(&self, name: &str) -> Result<(Vec<i64>, Vec<f32>), ExportError> {
         let tensor = self
             .weights
             .get(name)
             .ok_or_else(|| ExportError::MissingWeight(name.to_owned()))?;
         let dims: Vec<i64> = tensor.dims().iter().map(|&d| d as i64).collect();
-        let values = tensor.flatten_all()?.to_vec1::<f32>()?;
-        let initializer = format!("weights.{name}");
-        self.floats(&initializer, dims.clone(), values);
-        Ok((initializer, dims))
+        Ok((dims, tensor.flatten_all()?.to_vec1::<f32>()?))
+    }
+
+    /// Rows `rows` of embedding table `table` into `out`, in the graph's table precision;
+    /// returns the table's dims.
+    fn gather_rows(&mut self, table: &str, rows: &str, out: &str) -> Result<Vec<i64>, ExportError> {
+        let axis = || vec![attribute_int("axis", 0)];
+        match self.tables {
+            TablePrecision::F32 => {
+                let (table, dims) = self.weight(table)?;
+                self.node("Gather", &[&table, rows], out, axis());
+                Ok(dims)
+            }
+            TablePrecision::Int8 => {
+                let (dims, values) = self.values(table)?;
+                let width = dims.get(1).copied().unwrap_or(1) as usize;
+                let (quantized, scales) = quantize_rows(&values, width);
+                let int8_table = format!("weights.{table}.int8");
+                let scale_table = format!("weights.{table}.scale");
+                self.int8s(&int8_table, dims.clone(), quantized);
+                self.floats(&scale_table, vec![dims[0], 1], scales);
+                let gathered = format!("{out}.int8");
+                let widened = format!("{out}.unscaled");
+                let row_scales = format!("{out}.scales");
+                self.node("Gather", &[&int8_table, rows], &gathered, axis());
+                self.node(
+                    "Cast",
+                    &[&gathered],
+                    &widened,
+                    vec![attribute_int("to", i64::from(FLOAT))],
+                );
+                self.node("Gather", &[&scale_table, rows], &row_scales, axis());
+                self.node("Mul", &[&widened, &row_scales], out, vec![]);
+                Ok(dims)
+            }
+        }
     }
 
     /// `[B, H]` rows into `table`, averaged with `weights` `[B, H]` -> `[B, E]`, as a
@@ -139,20 +241,14 @@ impl Graph {
         history: i64,
         out: &str,
     ) -> Result<(), ExportError> {
-        let (table, dims) = self.weight(table)?;
         let gathered = format!("{out}.gathered");
+        let dims = self.gather_rows(table, rows, &gathered)?;
         let row_weights = format!("{out}.weights");
         let weights_shape = format!("{out}.weights_shape");
         let pooled_shape = format!("{out}.shape");
         let pooled = format!("{out}.pooled");
         self.ints(&weights_shape, vec![-1, 1, history]);
         self.ints(&pooled_shape, vec![-1, dims[1]]);
-        self.node(
-            "Gather",
-            &[&table, rows],
-            &gathered,
-            vec![attribute_int("axis", 0)],
-        );
         self.node("Reshape", &[weights, &weights_shape], &row_weights, vec![]);
         self.node("MatMul", &[&row_weights, &gathered], &pooled, vec![]);
         self.node("Reshape", &[&pooled, &pooled_shape], out, vec![]);
@@ -160,24 +256,18 @@ impl Graph {
     }
 
     fn lookup(&mut self, table: &str, rows: &str, out: &str) -> Result<(), ExportError> {
-        let (table, _) = self.weight(table)?;
-        self.node(
-            "Gather",
-            &[&table, rows],
-            out,
-            vec![attribute_int("axis", 0)],
-        );
-        Ok(())
+        self.gather_rows(table, rows, out).map(drop)
     }
 }
 
-/// The user tower of `model` as ONNX bytes.
-pub fn export_user_tower(model: &TwoTower) -> Result<Vec<u8>, ExportError> {
+/// The user tower of `model` as ONNX bytes, its embedding tables stored as `tables` says.
+pub fn export_user_tower(model: &TwoTower, tables: TablePrecision) -> Result<Vec<u8>, ExportError> {
     let history = model.spec.history_length as i64;
     let mut graph = Graph {
         nodes: Vec::new(),
         initializers: Vec::new(),
         weights: model.tensors(),
+        tables,
     };
     graph.pooled(
         "video",

@@ -10,17 +10,52 @@ use std::sync::OnceLock;
 use control_plane::config::TwoTowerConfig;
 use control_plane::data::Dataset;
 use control_plane::eval::positives_by_user;
-use control_plane::onnx_export::export_user_tower;
+use control_plane::onnx_export::{TablePrecision, dequantized_rows, export_user_tower};
 use control_plane::synthetic::{GeneratorConfig, generate};
+use control_plane::two_tower::TwoTower;
 use control_plane::two_tower::train;
 use edge::tower::{UserTower, Viewer, encode_user};
 
-/// A tower trained once for all tests: its ONNX bytes, inputs and candle's outputs.
+/// A tower trained once for all tests: its ONNX bytes, inputs and candle's outputs, with
+/// the embedding tables exported as trained (f32) and quantized (int8).
 struct Fixture {
     onnx: Vec<u8>,
     inputs: Vec<edge::tower::UserTowerInput>,
     expected: Vec<f32>,
     spec: edge::tower::UserTowerSpec,
+    int8_onnx: Vec<u8>,
+    /// What candle computes with each table replaced by its dequantized rows.
+    int8_expected: Vec<f32>,
+    /// Weights in those tables.
+    table_weights: usize,
+}
+
+/// The user tower's embedding tables: what [`TablePrecision::Int8`] quantizes.
+const USER_TOWER_TABLES: [&str; 6] = [
+    "video",
+    "category",
+    "country",
+    "language",
+    "age_bucket",
+    "user",
+];
+
+/// `model` with the user tower's tables replaced by what the int8 export serves.
+fn with_dequantized_tables(model: &TwoTower) -> TwoTower {
+    let mut tensors = model.tensors();
+    for name in USER_TOWER_TABLES {
+        let table = &tensors[name];
+        let width = table.dim(1).unwrap();
+        let values = table.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let dequantized = candle_core::Tensor::from_vec(
+            dequantized_rows(&values, width),
+            table.dims(),
+            table.device(),
+        )
+        .unwrap();
+        tensors.insert(name.to_owned(), dequantized);
+    }
+    TwoTower::from_tensors(tensors, model.spec.clone()).unwrap()
 }
 
 fn fixture() -> &'static Fixture {
@@ -51,7 +86,8 @@ fn build_fixture() -> Fixture {
     };
     let (trained, _) = train(&data, &config, false, |_| {}).unwrap();
     let model = &trained.model;
-    let bytes = export_user_tower(model).unwrap();
+    let bytes = export_user_tower(model, TablePrecision::F32).unwrap();
+    let int8_onnx = export_user_tower(model, TablePrecision::Int8).unwrap();
 
     // Known users with their histories, then anonymous viewers (no id, no demographics).
     let durations: HashMap<u64, u32> = dataset
@@ -90,11 +126,21 @@ fn build_fixture() -> Fixture {
         |_| None,
     ));
     let expected = model.user_embeddings(&inputs).unwrap();
+    let int8_expected = with_dequantized_tables(model)
+        .user_embeddings(&inputs)
+        .unwrap();
+    let tensors = model.tensors();
     Fixture {
         onnx: bytes,
         inputs,
         expected,
         spec: model.spec.clone(),
+        int8_onnx,
+        int8_expected,
+        table_weights: USER_TOWER_TABLES
+            .iter()
+            .map(|t| tensors[*t].elem_count())
+            .sum(),
     }
 }
 
@@ -113,6 +159,7 @@ fn the_edge_runs_the_exported_tower_like_candle() {
         inputs,
         expected,
         spec,
+        ..
     } = fixture();
     // `edge::tower::UserTower` (tract-onnx) is what serves the tower.
     let tower = UserTower::load(bytes, spec.clone()).unwrap();
@@ -146,6 +193,43 @@ fn the_edge_runs_the_exported_tower_like_candle() {
     );
 }
 
+#[test]
+fn int8_tables_serve_their_dequantized_rows_in_a_quarter_of_the_bytes() {
+    let fixture = fixture();
+    let tower = UserTower::load(&fixture.int8_onnx, fixture.spec.clone()).unwrap();
+    let found = tower.embed(&fixture.inputs).unwrap();
+    let worst = largest_difference(found.iter().copied(), &fixture.int8_expected);
+    assert!(
+        worst < 1e-5,
+        "largest difference between tract and candle with dequantized tables: {worst}"
+    );
+    // The quantization itself moves unit-length embeddings only a little.
+    let drift = largest_difference(found.iter().copied(), &fixture.expected);
+    assert!(
+        drift > 0.0 && drift < 0.05,
+        "int8 tables moved an embedding component by {drift}"
+    );
+    let dim = fixture.spec.output_dim;
+    let worst_cosine = found
+        .chunks(dim)
+        .zip(fixture.expected.chunks(dim))
+        .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>())
+        .fold(1.0f32, f32::min);
+    assert!(
+        worst_cosine > 0.995,
+        "cosine to the f32 tower: {worst_cosine}"
+    );
+    // Three of every table weight's four bytes go, less one f32 scale per row.
+    let saved = fixture.onnx.len() - fixture.int8_onnx.len();
+    assert!(
+        saved as f64 > 2.5 * fixture.table_weights as f64,
+        "int8 export {} bytes, f32 {} bytes, {} table weights",
+        fixture.int8_onnx.len(),
+        fixture.onnx.len(),
+        fixture.table_weights
+    );
+}
+
 const REFEREE: &str = r#"
 import json, sys
 import numpy as np
@@ -168,8 +252,6 @@ fn onnx_checker_and_onnxruntime_agree_with_candle() {
     );
     let fixture = fixture();
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("user_tower.onnx");
-    std::fs::write(&model, &fixture.onnx).unwrap();
     let n = fixture.inputs.len();
     let h = fixture.spec.history_length;
     let ints = |f: &dyn Fn(&edge::tower::UserTowerInput) -> Vec<i64>| -> Vec<i64> {
@@ -190,34 +272,41 @@ fn onnx_checker_and_onnxruntime_agree_with_candle() {
     });
     let inputs = dir.path().join("inputs.json");
     std::fs::write(&inputs, feeds.to_string()).unwrap();
-    let outputs = dir.path().join("outputs.json");
-    let run = std::process::Command::new(python)
-        .arg("-c")
-        .arg(REFEREE)
-        .arg(&model)
-        .arg(&inputs)
-        .arg(&outputs)
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "the referee refused the model:\n{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let result: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&outputs).unwrap()).unwrap();
-    assert_eq!(
-        result["shape"],
-        serde_json::json!([n, fixture.spec.output_dim])
-    );
-    let found = result["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap() as f32);
-    let worst = largest_difference(found, &fixture.expected);
-    assert!(
-        worst < 1e-5,
-        "largest difference between onnxruntime and candle: {worst}"
-    );
+    for (name, onnx, expected) in [
+        ("f32", &fixture.onnx, &fixture.expected),
+        ("int8", &fixture.int8_onnx, &fixture.int8_expected),
+    ] {
+        let model = dir.path().join(format!("user_tower.{name}.onnx"));
+        std::fs::write(&model, onnx).unwrap();
+        let outputs = dir.path().join("outputs.json");
+        let run = std::process::Command::new(&python)
+            .arg("-c")
+            .arg(REFEREE)
+            .arg(&model)
+            .arg(&inputs)
+            .arg(&outputs)
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "the referee refused the {name} model:\n{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let result: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&outputs).unwrap()).unwrap();
+        assert_eq!(
+            result["shape"],
+            serde_json::json!([n, fixture.spec.output_dim])
+        );
+        let found = result["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32);
+        let worst = largest_difference(found, expected);
+        assert!(
+            worst < 1e-5,
+            "{name} tables: largest difference between onnxruntime and candle: {worst}"
+        );
+    }
 }

@@ -58,7 +58,7 @@ fn load_breakdown(bundle: &[u8]) -> anyhow::Result<()> {
     };
     let parts = [
         (
-            "parse + sha256 of every section",
+            "parse + xxh3 of every section",
             time(&mut || Ok(BundleView::parse(bundle).map(drop)?))?,
         ),
         (

@@ -22,6 +22,9 @@ tasks:
   dist       build the edge module's two flavours (release, wasm-opt -Oz when binaryen is installed):
              the raw ABI into target/dist/edge.wasm, the wasm-bindgen browser build into
              target/dist/web/, and report their sizes
+  fuzz       [SECONDS] build a small bundle (once, cached), install nightly Rust and cargo-fuzz, then run the
+             libFuzzer targets load_bundle and recommend for SECONDS each [default: 300]; findings land in
+             fuzz/artifacts/
   fixtures   fetch MovieLens-100k and the all-MiniLM-L6-v2 title model into the cache
              folder and print their paths
 
@@ -72,6 +75,7 @@ fn main() -> std::process::ExitCode {
         Some("test") => test(&rest),
         Some("dist") => dist().map(|_| ()),
         Some("bench") => bench(&rest),
+        Some("fuzz") => fuzz(&rest),
         Some("fixtures") => movielens().and_then(|ml100k| {
             let minilm = minilm()?;
             println!("{}\n{}", ml100k.display(), minilm.display());
@@ -686,6 +690,136 @@ fn release_control_plane() -> Result<impl Fn(&[&dyn AsRef<std::ffi::OsStr>]) -> 
         }
         run(&mut command)
     })
+}
+
+/// The fuzz bundle's sizes: small, so that each `load_bundle` run takes milliseconds and
+/// libFuzzer mutates a seed it can hold many times over.
+const FUZZ_DATA: [&str; 8] = [
+    "--users",
+    "300",
+    "--videos",
+    "200",
+    "--interactions",
+    "12000",
+    "--seed",
+    "5",
+];
+
+fn fuzz(args: &[OsString]) -> Result<()> {
+    let seconds: u64 = match args.first() {
+        Some(value) => value
+            .to_str()
+            .and_then(|v| v.parse().ok())
+            .context("usage: cargo xtask fuzz [SECONDS]")?,
+        None => 300,
+    };
+    let dir = cache_dir()?.join("fuzz");
+    let bundles = dir.join("bundles");
+    let existing = || -> Option<PathBuf> {
+        std::fs::read_dir(&bundles)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|e| e == "bundle"))
+    };
+    if existing().is_none() {
+        std::fs::create_dir_all(&dir)?;
+        let step = release_control_plane()?;
+        let config = dir.join("edgerec.toml");
+        std::fs::write(
+            &config,
+            "[two_tower]\nepochs = 1\n\n[ranker]\niterations = 50\n",
+        )?;
+        let path = |p: PathBuf| p.to_string_lossy().into_owned();
+        let (data, config, bundles) = (path(dir.join("data")), path(config), path(bundles.clone()));
+        let trained = ["--data", &data, "--config", &config];
+        let steps: [Vec<&str>; 5] = [
+            [&["generate"][..], &FUZZ_DATA, &["--out", &data]].concat(),
+            vec!["split", "--data", &data],
+            [&["train", "two-tower"][..], &trained].concat(),
+            [&["train", "ranker"][..], &trained].concat(),
+            [
+                &["bundle", "build"][..],
+                &trained,
+                &["--promoted", "1,2", "--out", &bundles],
+            ]
+            .concat(),
+        ];
+        for args in steps {
+            step(
+                &args
+                    .iter()
+                    .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
+                    .collect::<Vec<_>>(),
+            )?;
+        }
+    }
+    let bundle = existing().context("the fuzz bundle was not written")?;
+
+    let toolchains = Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()
+        .context("running rustup")?;
+    if !String::from_utf8_lossy(&toolchains.stdout)
+        .lines()
+        .any(|l| l.starts_with("nightly"))
+    {
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let has_cargo_fuzz = cargo()
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_cargo_fuzz {
+        run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+
+    // Seeds: the real bundle for load_bundle; for recommend, requests of each shape the API
+    // takes (libFuzzer grows the rest from them).
+    let fuzz_dir = root().join("fuzz");
+    let corpus = fuzz_dir.join("corpus");
+    let bundle_seeds = corpus.join("load_bundle");
+    std::fs::create_dir_all(&bundle_seeds)?;
+    std::fs::copy(&bundle, bundle_seeds.join("seed.bundle"))?;
+    let request_seeds = corpus.join("recommend");
+    std::fs::create_dir_all(&request_seeds)?;
+    let requests = [
+        serde_json::json!({"n": 10, "timestamp": 1_700_000_000}),
+        serde_json::json!({
+            "user_id": 3, "n": 20, "timestamp": 1_700_000_000,
+            "user_features": {"country": "US", "language": "en", "age": 31.5, "device": "mobile"},
+            "watch_history": [1, 2, 3, 4], "exclude_watched": true, "excluded_video_ids": [5],
+            "user_preferences": {"categories": ["Gaming"], "languages": ["en"]},
+        }),
+        serde_json::json!({"user_id": 999_999, "n": 1, "timestamp": -1, "watch_history": [123_456]}),
+    ];
+    for (index, request) in requests.iter().enumerate() {
+        std::fs::write(
+            request_seeds.join(format!("seed-{index}.msgpack")),
+            rmp_serde::to_vec_named(request)?,
+        )?;
+    }
+
+    let bundle_len = std::fs::metadata(&bundle)?.len();
+    for (target, max_len) in [("load_bundle", bundle_len + 4096), ("recommend", 4096)] {
+        println!("== cargo fuzz run {target} for {seconds} s");
+        run(Command::new("cargo")
+            .current_dir(&fuzz_dir)
+            // The main build's target folder holds no nightly artefacts worth sharing.
+            .env_remove("CARGO_TARGET_DIR")
+            .env("EDGEREC_FUZZ_BUNDLE", &bundle)
+            .args(["+nightly", "fuzz", "run", target])
+            .arg(corpus.join(target))
+            .args(["--", &format!("-max_total_time={seconds}")])
+            .arg(format!("-max_len={max_len}"))
+            .arg("-rss_limit_mb=4096"))?;
+    }
+    Ok(())
 }
 
 fn demo() -> Result<()> {

@@ -1,4 +1,5 @@
 use super::*;
+use xxhash_rust::xxh3::xxh3_64;
 
 fn sample() -> (BundleBuilder, Vec<(SectionKind, Vec<u8>)>) {
     let sections: Vec<(SectionKind, Vec<u8>)> = SectionKind::ALL
@@ -46,7 +47,9 @@ fn a_bundle_reads_back_with_its_header_and_sections() {
             .find(|e| e.kind == *kind)
             .unwrap();
         assert_eq!(entry.sha256, sha256_hex(expected));
+        assert_eq!(entry.xxh3, xxh3_64(expected));
     }
+    view.verify_sha256().unwrap();
     // The same inputs give the same bytes: bundles are content-addressed.
     assert_eq!(sample().0.to_bytes().unwrap(), bytes);
 }
@@ -105,11 +108,27 @@ fn a_flipped_byte_in_any_section_is_refused_and_names_it() {
         assert_eq!(
             message(&corrupt),
             format!(
-                "invalid bundle: section `{}` is corrupted: its sha256 does not match the header's",
+                "invalid bundle: section `{}` is corrupted: its xxh3 does not match the header's",
                 entry.kind.name()
             )
         );
     }
+}
+
+#[test]
+fn verify_sha256_catches_a_section_whose_sha256_the_header_does_not_match() {
+    let (builder, _) = sample();
+    let bytes = builder.to_bytes().unwrap();
+    let mut view = BundleView::parse(&bytes).unwrap();
+    // A header whose xxh3s were recomputed by a forger but whose sha256s were not.
+    view.header.sections[2].sha256 = sha256_hex(b"something else");
+    assert_eq!(
+        view.verify_sha256().unwrap_err().to_string(),
+        format!(
+            "invalid bundle: section `{}` is corrupted: its sha256 does not match the header's",
+            view.header.sections[2].kind.name()
+        )
+    );
 }
 
 #[test]
@@ -126,10 +145,13 @@ fn other_files_versions_and_extra_bytes_are_refused() {
     let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
     assert_eq!(bytes[at], BUNDLE_FORMAT_VERSION as u8, "a positive fixint");
     let mut newer = bytes.clone();
-    newer[at] = 2;
+    newer[at] = BUNDLE_FORMAT_VERSION as u8 + 1;
     assert_eq!(
         message(&newer),
-        "bundle has format version 2, this build reads version 1"
+        format!(
+            "bundle has format version {}, this build reads version {BUNDLE_FORMAT_VERSION}",
+            BUNDLE_FORMAT_VERSION + 1
+        )
     );
 
     bytes.push(0);
