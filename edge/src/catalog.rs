@@ -11,13 +11,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Channel, ContentRating, Error, Video};
 
+mod columns;
+
 /// The catalogue format version this build writes and reads.
-pub const CATALOG_FORMAT_VERSION: u32 = 1;
+pub const CATALOG_FORMAT_VERSION: u32 = 2;
 
 /// A video's upload time when unknown (a sentinel keeps the column a plain `i64`).
 const UNKNOWN_TIME: i64 = i64::MIN;
 
-/// The videos of a bundle, by column, sorted by id.
+/// The videos of a bundle, by column, sorted by id. In the section (MessagePack, a map by
+/// field name, `format_version` first) every per-video column is a `bin` of little-endian
+/// fixed-width values (ratings and flags one byte each), and the titles are one string
+/// cut at `title_ends`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Catalog {
@@ -25,21 +30,38 @@ pub struct Catalog {
     /// Every spelled value: categories, child-category lists (joined by `|`), languages,
     /// regions.
     strings: Vec<String>,
+    #[serde(with = "columns")]
     ids: Vec<u64>,
-    titles: Vec<String>,
+    /// Every title, one after the other; video `i`'s ends at `title_ends[i]`.
+    title_text: String,
+    #[serde(with = "columns")]
+    title_ends: Vec<u32>,
+    #[serde(with = "columns")]
     category: Vec<u32>,
+    #[serde(with = "columns")]
     child_categories: Vec<u32>,
+    #[serde(with = "columns")]
     channel: Vec<u64>,
+    #[serde(with = "columns")]
     language: Vec<u32>,
+    #[serde(with = "columns")]
     duration_seconds: Vec<u32>,
+    #[serde(with = "columns")]
     view_count: Vec<u64>,
+    #[serde(with = "columns")]
     like_count: Vec<u64>,
+    #[serde(with = "columns")]
     comment_count: Vec<u64>,
+    #[serde(with = "columns")]
     upload_time: Vec<i64>,
+    #[serde(with = "columns")]
     content_rating: Vec<ContentRating>,
     /// Video `i`'s regions are `region_values[region_offsets[i]..region_offsets[i + 1]]`.
+    #[serde(with = "columns")]
     region_offsets: Vec<u32>,
+    #[serde(with = "columns")]
     region_values: Vec<u32>,
+    #[serde(with = "columns")]
     promoted: Vec<bool>,
     /// `(channel id, subscribers)`, sorted by id.
     channels: Vec<(u64, u64)>,
@@ -67,7 +89,9 @@ impl<'a> VideoRef<'a> {
     }
     /// Display title.
     pub fn title(&self) -> &'a str {
-        &self.catalog.titles[self.row]
+        let ends = &self.catalog.title_ends;
+        let start = if self.row == 0 { 0 } else { ends[self.row - 1] };
+        &self.catalog.title_text[start as usize..ends[self.row] as usize]
     }
     /// Primary category.
     pub fn category(&self) -> &'a str {
@@ -180,7 +204,8 @@ impl Catalog {
             format_version: CATALOG_FORMAT_VERSION,
             strings: Vec::new(),
             ids: Vec::with_capacity(order.len()),
-            titles: Vec::with_capacity(order.len()),
+            title_text: String::new(),
+            title_ends: Vec::with_capacity(order.len()),
             category: Vec::with_capacity(order.len()),
             child_categories: Vec::with_capacity(order.len()),
             channel: Vec::with_capacity(order.len()),
@@ -198,7 +223,10 @@ impl Catalog {
         };
         for video in order {
             catalog.ids.push(video.video_id);
-            catalog.titles.push(video.title.clone());
+            catalog.title_text.push_str(&video.title);
+            let title_end = u32::try_from(catalog.title_text.len())
+                .map_err(|_| invalid("the titles exceed 4 GiB"))?;
+            catalog.title_ends.push(title_end);
             catalog.category.push(interner.intern(&video.category));
             catalog
                 .child_categories
@@ -266,18 +294,17 @@ impl Catalog {
     }
 
     /// Decodes and checks a catalogue: the version, equal column lengths, sorted unique
-    /// ids, dictionary indices and region offsets in range. Errors name the column.
+    /// ids, dictionary indices, title ends and region offsets in range. Errors name the
+    /// column.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, Error> {
-        #[derive(Deserialize)]
-        struct Version {
-            format_version: u32,
-        }
-        let version: Version =
-            rmp_serde::from_slice(bytes).map_err(|e| invalid(format!("cannot decode: {e}")))?;
-        if version.format_version != CATALOG_FORMAT_VERSION {
+        // The version is the map's first entry: read alone, so that a catalogue of another
+        // version is named as such rather than as undecodable, without decoding it twice.
+        if let Some(found) = leading_format_version(bytes)
+            && found != CATALOG_FORMAT_VERSION
+        {
             return Err(Error::FormatVersion {
                 artifact: "videos section",
-                found: version.format_version,
+                found,
                 expected: CATALOG_FORMAT_VERSION,
             });
         }
@@ -290,7 +317,7 @@ impl Catalog {
     fn check(&self) -> Result<(), Error> {
         let n = self.ids.len();
         let lengths = [
-            ("titles", self.titles.len()),
+            ("title_ends", self.title_ends.len()),
             ("category", self.category.len()),
             ("child_categories", self.child_categories.len()),
             ("channel", self.channel.len()),
@@ -346,11 +373,36 @@ impl Catalog {
                 "column `region_offsets` does not ascend from 0 to the number of region values",
             ));
         }
+        let mut title_start = 0;
+        for (row, &end) in self.title_ends.iter().enumerate() {
+            if end < title_start
+                || end as usize > self.title_text.len()
+                || !self.title_text.is_char_boundary(end as usize)
+            {
+                return Err(invalid(format!(
+                    "column `title_ends`, row {row}: {end} does not end a title"
+                )));
+            }
+            title_start = end;
+        }
         if self.channels.windows(2).any(|w| w[0].0 >= w[1].0) {
             return Err(invalid("column `channels` is not strictly ascending by id"));
         }
         Ok(())
     }
+}
+
+/// The value of a MessagePack map's first entry when its key is `format_version`.
+fn leading_format_version(bytes: &[u8]) -> Option<u32> {
+    const KEY: &[u8] = b"format_version";
+    let mut rest = bytes;
+    rmp::decode::read_map_len(&mut rest).ok()?;
+    let length = rmp::decode::read_str_len(&mut rest).ok()? as usize;
+    if rest.get(..length)? != KEY {
+        return None;
+    }
+    rest = &rest[length..];
+    rmp::decode::read_int(&mut rest).ok()
 }
 
 #[cfg(test)]

@@ -135,13 +135,41 @@ fn duplicates_and_broken_columns_are_refused_with_the_column_named() {
             .contains("region_offsets")
     );
     let mut newer = catalog.clone();
-    newer.format_version = 2;
+    newer.format_version = CATALOG_FORMAT_VERSION + 1;
     assert_eq!(
         Catalog::from_bytes(&newer.to_bytes())
             .unwrap_err()
             .to_string(),
-        "videos section has format version 2, this build reads version 1"
+        format!(
+            "videos section has format version {}, this build reads version {CATALOG_FORMAT_VERSION}",
+            CATALOG_FORMAT_VERSION + 1
+        )
     );
+    let mut cut_title = catalog.clone();
+    cut_title.title_ends[1] = cut_title.title_ends[0] - 1;
+    assert!(
+        Catalog::from_bytes(&cut_title.to_bytes())
+            .unwrap_err()
+            .to_string()
+            .contains("column `title_ends`, row 1")
+    );
+    // "video 4" ends at byte 7; a two-byte character at byte 6 puts that end inside it.
+    let mut multibyte = catalog.clone();
+    multibyte.title_text.insert(6, 'é');
+    assert!(
+        Catalog::from_bytes(&multibyte.to_bytes())
+            .unwrap_err()
+            .to_string()
+            .contains("column `title_ends`, row 0")
+    );
+    // A rating or flag byte that is no value is named, with its row.
+    let mut bytes = catalog.to_bytes();
+    let key = b"content_rating";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    assert_eq!(bytes[at], 0xc4, "a bin 8 marker");
+    bytes[at + 2] = 9;
+    let error = Catalog::from_bytes(&bytes).unwrap_err().to_string();
+    assert!(error.contains("row 0 holds no valid value"), "{error}");
     let bytes = catalog.to_bytes();
     for cut in [0, 1, bytes.len() / 2, bytes.len() - 1] {
         assert!(Catalog::from_bytes(&bytes[..cut]).is_err(), "cut {cut}");
