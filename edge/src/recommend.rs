@@ -515,11 +515,14 @@ impl Recommender {
             return Vec::new();
         };
         // Narrowed on the int8 scale, then the kept few scored exactly: the margin covers
-        // the places the rounding can swap near the cut.
-        let keep = quota.saturating_mul(2).saturating_add(16);
+        // the places the rounding can swap near the cut, and the videos already retrieved
+        // are dropped from the kept few (a lookup each) rather than from the whole category.
+        let keep = quota
+            .saturating_mul(2)
+            .saturating_add(16)
+            .saturating_add(seen.len());
         let mut narrowed: Vec<(u32, u32, f32)> = positions
             .iter()
-            .filter(|(_, row)| !seen.contains(row))
             .filter_map(|&(position, row)| {
                 Some((position, row, approximate.score(position as usize)?))
             })
@@ -530,6 +533,7 @@ impl Recommender {
         }
         let mut scored: Vec<(u32, f32)> = narrowed
             .into_iter()
+            .filter(|(_, row, _)| !seen.contains(row))
             .filter_map(|(position, row, _)| {
                 Some((row, self.shard.score_at(user, position as usize)?))
             })
