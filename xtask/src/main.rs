@@ -23,8 +23,8 @@ tasks:
              the raw ABI into target/dist/edge.wasm, the wasm-bindgen browser build into
              target/dist/web/, and report their sizes
   fuzz       [SECONDS] build a small bundle (once, cached), install nightly Rust and cargo-fuzz, then run the
-             libFuzzer targets load_bundle and recommend for SECONDS each [default: 300]; findings land in
-             fuzz/artifacts/
+             libFuzzer targets load_bundle, sections (each section decoder) and recommend for SECONDS each
+             [default: 300]; findings land in fuzz/artifacts/
   fixtures   fetch MovieLens-100k and the all-MiniLM-L6-v2 title model into the cache
              folder and print their paths
 
@@ -808,8 +808,25 @@ fn fuzz(args: &[OsString]) -> Result<()> {
         )?;
     }
 
+    let section_seeds = corpus.join("sections");
+    std::fs::create_dir_all(&section_seeds)?;
+    for (index, section) in bundle_sections(&std::fs::read(&bundle)?)?
+        .into_iter()
+        .enumerate()
+    {
+        // The first byte picks the decoder, in the bundle's section order (the builder
+        // writes them in `SectionKind::ALL` order).
+        let mut seed = vec![index as u8];
+        seed.extend(section);
+        std::fs::write(section_seeds.join(format!("seed-{index}")), seed)?;
+    }
+
     let bundle_len = std::fs::metadata(&bundle)?.len();
-    for (target, max_len) in [("load_bundle", bundle_len + 4096), ("recommend", 4096)] {
+    for (target, max_len) in [
+        ("load_bundle", bundle_len + 4096),
+        ("sections", bundle_len + 4096),
+        ("recommend", 4096),
+    ] {
         println!("== cargo fuzz run {target} for {seconds} s");
         run(Command::new("cargo")
             .current_dir(&fuzz_dir)
@@ -823,6 +840,24 @@ fn fuzz(args: &[OsString]) -> Result<()> {
             .arg("-rss_limit_mb=4096"))?;
     }
     Ok(())
+}
+
+/// The sections of a bundle, in file order: its elements after the magic and the header
+/// (the layout `edge::bundle` documents; the xtask does not link edge).
+fn bundle_sections(bundle: &[u8]) -> Result<Vec<Vec<u8>>> {
+    let mut rest = bundle;
+    let elements = rmp::decode::read_array_len(&mut rest).context("a bundle is an array")?;
+    let _magic: String = rmp_serde::from_read(&mut rest).context("the magic")?;
+    let _header: serde::de::IgnoredAny = rmp_serde::from_read(&mut rest).context("the header")?;
+    (2..elements)
+        .map(|_| {
+            let length = rmp::decode::read_bin_len(&mut rest).context("a section's bin")? as usize;
+            ensure!(rest.len() >= length, "a truncated section");
+            let (section, after) = rest.split_at(length);
+            rest = after;
+            Ok(section.to_vec())
+        })
+        .collect()
 }
 
 fn demo() -> Result<()> {
