@@ -41,7 +41,7 @@ fn decode_packed(bytes: &[u8], widest: usize) -> Result<Vec<u64>, String> {
     if !matches!(width, 1 | 2 | 4 | 8) || width > widest {
         return Err(format!("a width of {width} bytes (at most {widest})"));
     }
-    if values.len() % width != 0 {
+    if !values.len().is_multiple_of(width) {
         return Err(format!("{} bytes of {width}-byte values", values.len()));
     }
     Ok(values
@@ -81,7 +81,7 @@ impl Column for i64 {
         out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
     }
     fn decode(bytes: &[u8]) -> Result<Vec<Self>, String> {
-        if bytes.len() % 8 != 0 {
+        if !bytes.len().is_multiple_of(8) {
             return Err(format!("{} bytes of 8-byte values", bytes.len()));
         }
         Ok(bytes
