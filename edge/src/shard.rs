@@ -490,7 +490,8 @@ impl Ord for Scored {
 /// The rounding moves a score by at most half a step per component, which only decides
 /// near-ties of the beam; returned scores are exact.
 struct QuantizedQuery {
-    steer: Vec<i8>,
+    /// The int8 components as stored bytes (two's complement), like the shard's vectors.
+    steer: Vec<u8>,
 }
 
 impl QuantizedQuery {
@@ -500,7 +501,7 @@ impl QuantizedQuery {
             .iter()
             .map(|&v| {
                 if largest > 0.0 {
-                    (v * 127.0 / largest).round() as i8
+                    (v * 127.0 / largest).round() as i8 as u8
                 } else {
                     0
                 }
@@ -529,44 +530,38 @@ impl ApproximateScorer<'_> {
     }
 }
 
-/// `sum_j a_j * b_j` over i8 components (`b` stored as bytes), exact in i32 for any
-/// dimension below 2^17. LLVM turns this into multiply-adds natively (`pmaddwd`); for wasm
-/// it did not (the int8 search ran slower than the f32 one there), hence the SIMD128 twin.
+/// `sum_j a_j * b_j` over i8 components stored as bytes, exact in i32 for any dimension
+/// below 2^17. LLVM turns this into multiply-adds natively (`pmaddwd`); for wasm it did
+/// not (the int8 search ran slower than the f32 one there), hence the SIMD128 twin.
 #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
-fn dot_i8_i8(a: &[i8], b: &[u8]) -> i32 {
+fn dot_i8_i8(a: &[u8], b: &[u8]) -> i32 {
     a.iter()
         .zip(b)
-        .map(|(&a, &b)| i32::from(a) * i32::from(b as i8))
+        .map(|(&a, &b)| i32::from(a as i8) * i32::from(b as i8))
         .sum()
 }
 
 /// 16 components at a time: each half widened to i16 and `i32x4.dot_i16x8_s` (a
 /// `pmaddwd` in the engines) multiplies and adds pairs into four i32 lanes.
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-fn dot_i8_i8(a: &[i8], b: &[u8]) -> i32 {
+fn dot_i8_i8(a: &[u8], b: &[u8]) -> i32 {
     use core::arch::wasm32::{
-        i8x16, i16x8_extend_high_i8x16, i16x8_extend_low_i8x16, i32x4_add, i32x4_dot_i16x8,
-        i32x4_extract_lane, i32x4_splat, u8x16, v128,
+        i16x8_extend_high_i8x16, i16x8_extend_low_i8x16, i32x4_add, i32x4_dot_i16x8,
+        i32x4_extract_lane, i32x4_splat, u64x2, v128,
     };
-    // Element by element so that no unsafe load is needed; LLVM folds it into one
-    // `v128.load`.
-    fn signed(x: &[i8; 16]) -> v128 {
-        i8x16(
-            x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7], x[8], x[9], x[10], x[11], x[12], x[13],
-            x[14], x[15],
-        )
-    }
-    fn unsigned(x: &[u8; 16]) -> v128 {
-        u8x16(
-            x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7], x[8], x[9], x[10], x[11], x[12], x[13],
-            x[14], x[15],
-        )
+    // Two 8-byte loads: built from single bytes, LLVM emitted sixteen `v128.load8_lane`s
+    // per vector, which made this slower than the f32 product it replaces. (A `v128.load`
+    // would need `unsafe`, which the crate keeps to the ABI's exports.)
+    fn load(x: &[u8; 16]) -> v128 {
+        let (low, high) = x.split_at(8);
+        let word = |half: &[u8]| u64::from_le_bytes(half.try_into().expect("8 bytes"));
+        u64x2(word(low), word(high))
     }
     let (a_chunks, a_tail) = a.as_chunks::<16>();
     let (b_chunks, b_tail) = b.as_chunks::<16>();
     let mut sums = i32x4_splat(0);
     for (x, y) in a_chunks.iter().zip(b_chunks) {
-        let (x, y) = (signed(x), unsigned(y));
+        let (x, y) = (load(x), load(y));
         let low = i32x4_dot_i16x8(i16x8_extend_low_i8x16(x), i16x8_extend_low_i8x16(y));
         let high = i32x4_dot_i16x8(i16x8_extend_high_i8x16(x), i16x8_extend_high_i8x16(y));
         sums = i32x4_add(sums, i32x4_add(low, high));
@@ -574,7 +569,7 @@ fn dot_i8_i8(a: &[i8], b: &[u8]) -> i32 {
     let tail: i32 = a_tail
         .iter()
         .zip(b_tail)
-        .map(|(&a, &b)| i32::from(a) * i32::from(b as i8))
+        .map(|(&a, &b)| i32::from(a as i8) * i32::from(b as i8))
         .sum();
     i32x4_extract_lane::<0>(sums)
         + i32x4_extract_lane::<1>(sums)
