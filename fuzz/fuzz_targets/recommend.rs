@@ -18,13 +18,19 @@ fn loaded() -> &'static Mutex<Door> {
         door.buffer_mut(address)
             .expect("a buffer alloc returned")
             .copy_from_slice(&bundle);
-        assert_eq!(door.load_bundle(address, bundle.len()), OK, "the fuzz bundle loads");
+        assert_eq!(
+            door.load_bundle(address, bundle.len()),
+            OK,
+            "the fuzz bundle loads"
+        );
         Mutex::new(door)
     })
 }
 
 fuzz_target!(|bytes: &[u8]| {
-    let mut door = loaded().lock().expect("no earlier run panicked while holding it");
+    let mut door = loaded()
+        .lock()
+        .expect("no earlier run panicked while holding it");
     let Some(address) = door.alloc(bytes.len()) else {
         return;
     };

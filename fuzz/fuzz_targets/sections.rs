@@ -32,7 +32,10 @@ fuzz_target!(|input: &[u8]| {
             if let Ok(shard) = Shard::open(bytes.to_vec()) {
                 // An opened shard must search without failing.
                 let query = vec![0.5; shard.dim()];
-                shard.nns(10).search(&query).expect("a valid query searches");
+                shard
+                    .nns(10)
+                    .search(&query)
+                    .expect("a valid query searches");
             }
         }
         SectionKind::Ranker => {
