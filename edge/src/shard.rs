@@ -960,35 +960,6 @@ fn parse_list(
     Ok(())
 }
 
-/// Whether the list at `pos` passes [`parse_list`]'s checks, moving `pos` past it: the
-/// same rules without collecting the neighbours or building messages, as layer 0 holds
-/// tens of neighbours per point and is checked whole at every load.
-fn valid_list(blob: &[u8], pos: &mut usize, own: u32, count: usize) -> bool {
-    let Some(degree) = read_varint(blob, pos) else {
-        return false;
-    };
-    let degree = degree as usize;
-    if degree >= count || degree > blob.len() - *pos {
-        return false;
-    }
-    let (own, count) = (i64::from(own), count as i64);
-    let mut previous = None;
-    for _ in 0..degree {
-        let Some(code) = read_varint(blob, pos) else {
-            return false;
-        };
-        let neighbour = match previous {
-            None => own + i64::from(unzigzag(code)),
-            Some(previous) => previous + i64::from(code) + 1,
-        };
-        if neighbour < 0 || neighbour >= count || neighbour == own {
-            return false;
-        }
-        previous = Some(neighbour);
-    }
-    true
-}
-
 fn parse_base(blob: &[u8], count: usize) -> Result<Vec<u32>, Error> {
     if u32::try_from(blob.len()).is_err() {
         return Err(invalid(format!(
@@ -997,17 +968,14 @@ fn parse_base(blob: &[u8], count: usize) -> Result<Vec<u32>, Error> {
         )));
     }
     let mut offsets = Vec::with_capacity(count + 1);
+    let mut scratch = Vec::new();
     let mut pos = 0;
     for point in 0..count as u32 {
         offsets.push(pos as u32);
-        if !valid_list(blob, &mut pos, point, count) {
-            // Parsed again from its start by the parser that says what is wrong.
-            let mut again = offsets[point as usize] as usize;
-            parse_list(blob, &mut again, point, count, &mut Vec::new(), &|| {
-                format!("layer 0, point {point}")
-            })?;
-            return Err(invalid(format!("layer 0, point {point}: malformed list")));
-        }
+        scratch.clear();
+        parse_list(blob, &mut pos, point, count, &mut scratch, &|| {
+            format!("layer 0, point {point}")
+        })?;
     }
     offsets.push(pos as u32);
     if pos != blob.len() {

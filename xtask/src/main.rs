@@ -609,12 +609,7 @@ fn bench(args: &[OsString]) -> Result<()> {
     let edge_wasm = dist()?;
     let dir = cache_dir()?.join("bench").join("edge-100k");
     let bundles = dir.join("bundles");
-    let existing = || -> Option<PathBuf> {
-        std::fs::read_dir(&bundles)
-            .ok()?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.extension().is_some_and(|e| e == "bundle"))
-    };
+    let existing = || bundle_in(&bundles);
     if rebuild || existing().is_none() {
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
@@ -718,12 +713,7 @@ fn fuzz(args: &[OsString]) -> Result<()> {
     };
     let dir = cache_dir()?.join("fuzz");
     let bundles = dir.join("bundles");
-    let existing = || -> Option<PathBuf> {
-        std::fs::read_dir(&bundles)
-            .ok()?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.extension().is_some_and(|e| e == "bundle"))
-    };
+    let existing = || bundle_in(&bundles);
     if existing().is_none() {
         std::fs::create_dir_all(&dir)?;
         let step = release_control_plane()?;
@@ -840,6 +830,14 @@ fn fuzz(args: &[OsString]) -> Result<()> {
             .arg("-rss_limit_mb=4096"))?;
     }
     Ok(())
+}
+
+/// The first `.bundle` file in `folder`, if any (`bundle build` writes one per run).
+fn bundle_in(folder: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(folder)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "bundle"))
 }
 
 /// The sections of a bundle, in file order: its elements after the magic and the header
