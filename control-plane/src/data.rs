@@ -1,10 +1,10 @@
 //! A data set on disk: one folder with a Parquet file per entity and a `dataset.json`
 //! manifest, written last so a folder with a manifest is a complete data set.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use edge::{Channel, Interaction, User, Video};
+use edge::{Channel, Interaction, InteractionType, User, Video};
 use serde::{Deserialize, Serialize};
 
 use crate::DataError;
@@ -99,6 +99,38 @@ impl Dataset {
     pub fn time_range(&self) -> Option<(i64, i64)> {
         let times = self.interactions.iter().map(|i| i.timestamp);
         Some((times.clone().min()?, times.max()?))
+    }
+
+    /// Fills the catalogue's view and like counts from `log` (the training part: what the
+    /// platform has seen before the parts that measure it) when the catalogue carries no
+    /// counts at all, as MovieLens does. Without them the ranker has no popularity signal;
+    /// counting the whole data set instead would leak the held-out parts. A catalogue with
+    /// any count is kept as given. Returns whether it filled.
+    pub fn count_engagement_where_missing(&mut self, log: &[Interaction]) -> bool {
+        if self
+            .videos
+            .iter()
+            .any(|v| v.view_count != 0 || v.like_count != 0 || v.comment_count != 0)
+        {
+            return false;
+        }
+        let mut counts: HashMap<u64, (u64, u64, u64)> = HashMap::new();
+        for interaction in log {
+            let entry = counts.entry(interaction.video_id).or_default();
+            entry.0 += 1;
+            match interaction.interaction_type {
+                InteractionType::Like => entry.1 += 1,
+                InteractionType::Comment => entry.2 += 1,
+                _ => {}
+            }
+        }
+        for video in &mut self.videos {
+            let (views, likes, comments) = counts.get(&video.video_id).copied().unwrap_or_default();
+            video.view_count = views;
+            video.like_count = likes;
+            video.comment_count = comments;
+        }
+        true
     }
 
     /// Reads and validates a data set folder.

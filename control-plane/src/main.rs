@@ -558,11 +558,17 @@ fn parse_part(text: &str) -> Result<Part, String> {
     }
 }
 
-/// The data set and its split (`DATA/split` unless given), loaded and validated.
+/// The data set and its split (`DATA/split` unless given), loaded and validated; a
+/// catalogue without counts gets them from the training part.
 fn load_split(data: &Path, split: Option<PathBuf>) -> Result<(Dataset, PathBuf, Split)> {
-    let dataset = Dataset::load(data)?;
+    let mut dataset = Dataset::load(data)?;
     let split_dir = split.unwrap_or_else(|| data.join("split"));
     let parts = Split::load(&split_dir)?;
+    if dataset.count_engagement_where_missing(&parts.train) {
+        eprintln!(
+            "the catalogue carries no view, like or comment counts: counted them in the training part"
+        );
+    }
     Ok((dataset, split_dir, parts))
 }
 

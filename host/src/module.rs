@@ -133,6 +133,10 @@ impl EdgeModule {
     pub fn load(wasm: &[u8], cache_dir: Option<&Path>, deadlines: bool) -> anyhow::Result<Self> {
         let mut config = Config::new();
         config.epoch_interruption(deadlines);
+        // `perf` cannot name JIT code by itself; wasmtime's perf map lets it.
+        if std::env::var_os("EDGEREC_WASM_PERFMAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config)?;
         let started = Instant::now();
         let deadlines_enabled = deadlines;

@@ -57,9 +57,10 @@ pub fn prepare(dataset: Dataset) -> Prepared {
 }
 
 /// `dataset` split by `split_config` with the default rules, preprocessing fitted on train.
-pub fn prepare_with(dataset: Dataset, split_config: &SplitConfig) -> Prepared {
+pub fn prepare_with(mut dataset: Dataset, split_config: &SplitConfig) -> Prepared {
     let rules = EngagementRules::default();
     let parts = split(&dataset.interactions, &dataset.videos, &rules, split_config).unwrap();
+    dataset.count_engagement_where_missing(&parts.train);
     let preprocessor = Preprocessor::fit(
         FitInput {
             users: &dataset.users,
