@@ -312,3 +312,74 @@ fn dangling(path: &Path, row: u64, column: &str, id: u64, target: &Path) -> Data
         .to_string_lossy();
     DataError::bad_value(path, row, column, format!("id {id} is not in {target}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edge::ContentRating;
+
+    fn video(video_id: u64, view_count: u64) -> Video {
+        Video {
+            video_id,
+            title: format!("video {video_id}"),
+            category: "Drama".to_owned(),
+            child_categories: Vec::new(),
+            channel_id: 1,
+            duration_seconds: 0,
+            tags: Vec::new(),
+            language: "en".to_owned(),
+            upload_time: None,
+            view_count,
+            like_count: 0,
+            comment_count: 0,
+            content_rating: ContentRating::General,
+            regions: Vec::new(),
+        }
+    }
+
+    fn interaction(video_id: u64, interaction_type: InteractionType) -> Interaction {
+        Interaction {
+            user_id: 1,
+            video_id,
+            timestamp: 0,
+            interaction_type,
+            watch_seconds: None,
+            device: "tv".to_owned(),
+        }
+    }
+
+    fn log() -> Vec<Interaction> {
+        vec![
+            interaction(1, InteractionType::Watch),
+            interaction(1, InteractionType::Like),
+            interaction(1, InteractionType::Comment),
+            interaction(2, InteractionType::Like),
+        ]
+    }
+
+    #[test]
+    fn a_catalogue_without_counts_gets_them_from_the_log() {
+        let mut dataset = Dataset {
+            videos: vec![video(1, 0), video(2, 0), video(3, 0)],
+            ..Dataset::default()
+        };
+        assert!(dataset.count_engagement_where_missing(&log()));
+        let counts: Vec<(u64, u64, u64)> = dataset
+            .videos
+            .iter()
+            .map(|v| (v.view_count, v.like_count, v.comment_count))
+            .collect();
+        assert_eq!(counts, [(3, 1, 1), (1, 1, 0), (0, 0, 0)]);
+    }
+
+    #[test]
+    fn a_catalogue_with_any_count_is_kept_as_given() {
+        let mut dataset = Dataset {
+            videos: vec![video(1, 0), video(2, 5)],
+            ..Dataset::default()
+        };
+        let before = dataset.clone();
+        assert!(!dataset.count_engagement_where_missing(&log()));
+        assert_eq!(dataset, before);
+    }
+}
