@@ -101,7 +101,7 @@ impl Dataset {
         Some((times.clone().min()?, times.max()?))
     }
 
-    /// Fills the catalogue's view and like counts from `log` (the training part: what the
+    /// Fills the catalogue's view, like and comment counts from `log` (the training part: what the
     /// platform has seen before the parts that measure it) when the catalogue carries no
     /// counts at all, as MovieLens does. Without them the ranker has no popularity signal;
     /// counting the whole data set instead would leak the held-out parts. A catalogue with
