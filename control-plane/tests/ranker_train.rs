@@ -2,7 +2,7 @@
 //! row's own label, and official CatBoost (the referee virtualenv's `catboost`, from
 //! `EDGEREC_REFEREE_PYTHON`) loads what it writes and predicts the same.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use control_plane::config::RankerConfig;
@@ -280,8 +280,7 @@ fn referee(args: &[&dyn AsRef<std::ffi::OsStr>]) {
         std::env::var_os("EDGEREC_REFEREE_PYTHON")
             .expect("EDGEREC_REFEREE_PYTHON is not set: run `cargo xtask test`"),
     );
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../edge/tests/referee/catboost_predict.py");
+    let script = manifest_dir().join("../edge/tests/referee/catboost_predict.py");
     let mut command = Command::new(python);
     command.arg(script);
     for arg in args {
@@ -293,4 +292,12 @@ fn referee(args: &[&dyn AsRef<std::ffi::OsStr>]) {
         "referee failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// The package's folder, read when the test runs: a baked-in `env!` path names whichever
+/// checkout compiled the binary, and checkouts sharing a target folder reuse binaries.
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }

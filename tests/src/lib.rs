@@ -496,7 +496,12 @@ pub fn edge_web_dir() -> PathBuf {
 
 /// The repository's root (tests/ is one of its folders).
 pub fn repository() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    // Read when running, not baked in when compiling: checkouts at other paths that share
+    // a target folder reuse each other's test binaries (cargo fingerprints paths relative
+    // to the workspace), and a baked-in path would name the other checkout.
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
         .parent()
         .expect("tests/ is in the repository")
         .to_owned()
