@@ -119,7 +119,7 @@ impl Door {
             Ok(bytes) => bytes,
             Err((code, message)) => return self.fail(code, message),
         };
-        match Recommender::from_bundle(&bytes) {
+        match Recommender::from_shared_bundle(bytes.into()) {
             Ok(recommender) => {
                 self.output = rmp_serde::to_vec_named(&recommender.summary())
                     .expect("a summary always serializes");

@@ -7,6 +7,8 @@
 //! in a shared dictionary. [`VideoRef`] is the borrowed view of one row that serving and
 //! training rows both read, so a feature sees the same facts in both.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::{Channel, ContentRating, Error, Video};
@@ -160,7 +162,7 @@ impl<'a> VideoRef<'a> {
 /// Interns strings into the catalogue's dictionary.
 struct Interner {
     strings: Vec<String>,
-    index: std::collections::BTreeMap<String, u32>,
+    index: BTreeMap<String, u32>,
 }
 
 impl Interner {
@@ -270,6 +272,31 @@ impl Catalog {
     /// Whether the catalogue is empty.
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
+    }
+
+    /// Every video id, ascending (row order).
+    pub fn video_ids(&self) -> &[u64] {
+        &self.ids
+    }
+
+    /// `(key, row)` pairs grouped by their row's category, each group in the given order.
+    /// One pass over dictionary codes: a cold start groups every shard video this way.
+    pub(crate) fn group_by_category(
+        &self,
+        pairs: impl IntoIterator<Item = (u32, u32)>,
+    ) -> BTreeMap<String, Vec<(u32, u32)>> {
+        let mut by_code: Vec<Vec<(u32, u32)>> = vec![Vec::new(); self.strings.len()];
+        for (key, row) in pairs {
+            if let Some(&code) = self.category.get(row as usize) {
+                by_code[code as usize].push((key, row));
+            }
+        }
+        by_code
+            .into_iter()
+            .enumerate()
+            .filter(|(_, group)| !group.is_empty())
+            .map(|(code, group)| (self.strings[code].clone(), group))
+            .collect()
     }
 
     /// The video with this id, if the catalogue has it.

@@ -23,6 +23,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
@@ -294,8 +295,6 @@ pub struct Recommender {
     model_version: String,
     tower: UserTower,
     shard: Shard,
-    /// `(video id, shard position)`, sorted by id.
-    shard_positions: Vec<(u64, u32)>,
     ranker: RankerModel,
     preprocessor: Preprocessor,
     catalog: Catalog,
@@ -334,9 +333,25 @@ impl Recommender {
     /// and checks that they fit together.
     pub fn from_bundle(bytes: &[u8]) -> Result<Self, Error> {
         let view = BundleView::parse(bytes)?;
+        let shard = Bytes::copy_from_slice(view.require(SectionKind::Shard)?);
+        Self::from_view(view, shard)
+    }
+
+    /// [`Recommender::from_bundle`] for a bundle the caller hands over: the shard is
+    /// searched where it lies in `bundle` instead of being copied out (the buffer stays
+    /// alive as long as the recommender).
+    pub fn from_shared_bundle(bundle: Bytes) -> Result<Self, Error> {
+        let view = BundleView::parse(&bundle)?;
+        let shard = bundle.slice_ref(view.require(SectionKind::Shard)?);
+        Self::from_view(view, shard)
+    }
+
+    /// `shard` holds the bytes of `view`'s shard section.
+    fn from_view(view: BundleView<'_>, shard: Bytes) -> Result<Self, Error> {
         let spec = UserTowerSpec::from_bytes(view.require(SectionKind::TowerSpec)?)?;
         let tower = UserTower::load(view.require(SectionKind::UserTower)?, spec.clone())?;
-        let shard = Shard::open(view.require(SectionKind::Shard)?.to_vec())?;
+        // The bundle's section hash already covered these bytes.
+        let shard = Shard::open_verified(shard)?;
         if shard.dim() != spec.output_dim {
             return Err(mismatch(format!(
                 "the shard holds {}-d vectors, the user tower outputs {}-d ones",
@@ -385,29 +400,40 @@ impl Recommender {
         rules: BusinessRules,
         experiments: Experiments,
     ) -> Self {
-        let mut shard_positions: Vec<(u64, u32)> = shard
-            .video_ids()
-            .iter()
-            .enumerate()
-            .map(|(position, &id)| (id, position as u32))
-            .collect();
-        shard_positions.sort_unstable();
-
-        let mut category_positions: BTreeMap<String, Vec<(u32, u32)>> = BTreeMap::new();
-        for (position, &id) in shard.video_ids().iter().enumerate() {
-            if let Some(video) = catalog.get(id) {
-                category_positions
-                    .entry(video.category().to_owned())
-                    .or_default()
-                    .push((position as u32, video.row() as u32));
+        // Every cold start runs this over the whole catalogue: linear passes and one
+        // sort of plain keys, no per-video lookups or allocations.
+        // Catalogue row of each shard position: both sides are sorted by id, so one merge.
+        let mut row_of_position = vec![None; shard.len()];
+        let catalog_ids = catalog.video_ids();
+        let mut row = 0;
+        for &(id, position) in shard.positions_by_id() {
+            while row < catalog_ids.len() && catalog_ids[row] < id {
+                row += 1;
+            }
+            if catalog_ids.get(row) == Some(&id) {
+                row_of_position[position as usize] = Some(row as u32);
             }
         }
+        let category_positions = catalog.group_by_category(
+            row_of_position
+                .iter()
+                .enumerate()
+                .filter_map(|(position, row)| Some((position as u32, (*row)?))),
+        );
 
-        let mut popular_rows: Vec<u32> = (0..catalog.len() as u32).collect();
-        popular_rows.sort_by_key(|&row| {
-            let video = catalog.at(row as usize).expect("a row below len");
-            (std::cmp::Reverse(video.view_count()), video.video_id())
-        });
+        // Video ids are unique, so the unstable sort orders exactly as a stable one would.
+        let mut by_views: Vec<(std::cmp::Reverse<u64>, u64, u32)> = catalog
+            .iter()
+            .map(|video| {
+                (
+                    std::cmp::Reverse(video.view_count()),
+                    video.video_id(),
+                    video.row() as u32,
+                )
+            })
+            .collect();
+        by_views.sort_unstable();
+        let popular_rows: Vec<u32> = by_views.into_iter().map(|(_, _, row)| row).collect();
         let mut popularity_rank = vec![0; popular_rows.len()];
         for (rank, &row) in popular_rows.iter().enumerate() {
             popularity_rank[row as usize] = rank as u32;
@@ -421,7 +447,6 @@ impl Recommender {
             model_version,
             tower,
             shard,
-            shard_positions,
             ranker,
             preprocessor,
             catalog,
@@ -550,13 +575,9 @@ impl Recommender {
     }
 
     fn two_tower_score(&self, user: &[f32], video_id: u64) -> f32 {
-        self.shard_positions
-            .binary_search_by_key(&video_id, |&(id, _)| id)
-            .ok()
-            .and_then(|at| {
-                self.shard
-                    .score_at(user, self.shard_positions[at].1 as usize)
-            })
+        self.shard
+            .position_of(video_id)
+            .and_then(|position| self.shard.score_at(user, position))
             .unwrap_or(f32::NAN)
     }
 }

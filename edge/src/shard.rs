@@ -60,6 +60,7 @@ use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 use std::ops::Range;
 
+use bytes::Bytes;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::Error;
@@ -88,9 +89,14 @@ const MAX_LAYERS: usize = 64;
 /// An open shard: validated, immutable, searchable from many threads at once.
 #[derive(Debug, Clone)]
 pub struct Shard {
-    bytes: Vec<u8>,
+    /// Shared, not owned: a shard opened from a bundle's section borrows the bundle's
+    /// buffer instead of copying its tens of megabytes at every cold start.
+    bytes: Bytes,
     dim: usize,
     ids: Vec<u64>,
+    /// `(video id, position)`, sorted by id: what the duplicate check sorts anyway, kept
+    /// for [`Shard::position_of`].
+    by_id: Vec<(u64, u32)>,
     scales: Vec<f32>,
     vectors: Range<usize>,
     /// Layer 0 stays varint-encoded in `bytes`; `base_offsets[i]..base_offsets[i + 1]` is
@@ -127,12 +133,25 @@ impl UpperLayer {
 impl Shard {
     /// Checks `bytes` completely (magic, version, checksum, every size, offset, neighbour
     /// id and the entry point) and keeps them for searching.
-    pub fn open(bytes: Vec<u8>) -> Result<Self, Error> {
-        let parsed = Parsed::new(&bytes)?;
+    pub fn open(bytes: impl Into<Bytes>) -> Result<Self, Error> {
+        Self::open_with(bytes.into(), Checksum::Verify)
+    }
+
+    /// [`Shard::open`] for bytes whose integrity the caller has just checked (a bundle's
+    /// section, under the bundle's own hash): everything but the checksum is checked as
+    /// before, so a shard that is well-formed but wrong is still refused; hashing the same
+    /// megabytes twice is what this skips.
+    pub fn open_verified(bytes: Bytes) -> Result<Self, Error> {
+        Self::open_with(bytes, Checksum::Trust)
+    }
+
+    fn open_with(bytes: Bytes, checksum: Checksum) -> Result<Self, Error> {
+        let parsed = Parsed::new(&bytes, checksum)?;
         Ok(Self {
             bytes,
             dim: parsed.dim,
             ids: parsed.ids,
+            by_id: parsed.by_id,
             scales: parsed.scales,
             vectors: parsed.vectors,
             base: parsed.base,
@@ -168,6 +187,19 @@ impl Shard {
         &self.ids
     }
 
+    /// `(video id, storage position)` of every video, in ascending id order.
+    pub fn positions_by_id(&self) -> &[(u64, u32)] {
+        &self.by_id
+    }
+
+    /// The storage position of `video_id`, if the shard holds it.
+    pub fn position_of(&self, video_id: u64) -> Option<usize> {
+        self.by_id
+            .binary_search_by_key(&video_id, |&(id, _)| id)
+            .ok()
+            .map(|at| self.by_id[at].1 as usize)
+    }
+
     /// The size of the shard's bytes.
     pub fn byte_len(&self) -> usize {
         self.bytes.len()
@@ -188,17 +220,19 @@ impl Shard {
                 reason: format!("search ef must be in 1..=u32::MAX, got {ef}"),
             }
         })?;
-        self.bytes[SEARCH_EF_AT..SEARCH_EF_AT + 4].copy_from_slice(&stored.to_le_bytes());
-        let body = self.bytes.len() - 8;
-        let checksum = xxh3_64(&self.bytes[..body]);
-        self.bytes[body..].copy_from_slice(&checksum.to_le_bytes());
+        let mut bytes = Vec::from(std::mem::take(&mut self.bytes));
+        bytes[SEARCH_EF_AT..SEARCH_EF_AT + 4].copy_from_slice(&stored.to_le_bytes());
+        let body = bytes.len() - 8;
+        let checksum = xxh3_64(&bytes[..body]);
+        bytes[body..].copy_from_slice(&checksum.to_le_bytes());
+        self.bytes = bytes.into();
         self.search_ef = ef;
         Ok(self)
     }
 
     /// The shard's bytes, as `Shard::open` accepts them.
     pub fn into_bytes(self) -> Vec<u8> {
-        self.bytes
+        self.bytes.into()
     }
 
     /// The dequantized vector of the video at storage position `position`, or `None` past
@@ -713,10 +747,18 @@ fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(bytes.get(at..end)?.try_into().ok()?))
 }
 
+/// Whether [`Parsed::new`] hashes the bytes against their trailer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Checksum {
+    Verify,
+    Trust,
+}
+
 /// Everything `Shard` keeps, decoded and checked, borrowing nothing so the bytes can move in.
 struct Parsed {
     dim: usize,
     ids: Vec<u64>,
+    by_id: Vec<(u64, u32)>,
     scales: Vec<f32>,
     vectors: Range<usize>,
     base: Range<usize>,
@@ -757,7 +799,7 @@ impl Sections {
 }
 
 impl Parsed {
-    fn new(bytes: &[u8]) -> Result<Self, Error> {
+    fn new(bytes: &[u8], checksum: Checksum) -> Result<Self, Error> {
         if bytes.len() < HEADER_LEN + TRAILER_LEN {
             return Err(invalid(format!(
                 "{} bytes is too short for a shard (header and checksum alone take {})",
@@ -779,12 +821,14 @@ impl Parsed {
             });
         }
         let body_len = bytes.len() - TRAILER_LEN;
-        let stored = u64_at(bytes, body_len).unwrap_or_default();
-        let computed = xxh3_64(&bytes[..body_len]);
-        if stored != computed {
-            return Err(invalid(format!(
-                "checksum mismatch (stored {stored:016x}, computed {computed:016x}): corrupted or truncated"
-            )));
+        if checksum == Checksum::Verify {
+            let stored = u64_at(bytes, body_len).unwrap_or_default();
+            let computed = xxh3_64(&bytes[..body_len]);
+            if stored != computed {
+                return Err(invalid(format!(
+                    "checksum mismatch (stored {stored:016x}, computed {computed:016x}): corrupted or truncated"
+                )));
+            }
         }
 
         let dim = header(12) as usize;
@@ -844,12 +888,15 @@ impl Parsed {
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
             .collect();
-        let mut sorted_ids = ids.clone();
-        sorted_ids.sort_unstable();
-        if let Some(pair) = sorted_ids.windows(2).find(|pair| pair[0] == pair[1]) {
-            return Err(invalid(format!("video id {} appears twice", pair[0])));
+        let mut by_id: Vec<(u64, u32)> = ids
+            .iter()
+            .enumerate()
+            .map(|(position, &id)| (id, position as u32))
+            .collect();
+        by_id.sort_unstable();
+        if let Some(pair) = by_id.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+            return Err(invalid(format!("video id {} appears twice", pair[0].0)));
         }
-        drop(sorted_ids);
         let scales: Vec<f32> = bytes[scales_range]
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap_or_default()))
@@ -904,6 +951,7 @@ impl Parsed {
         Ok(Self {
             dim,
             ids,
+            by_id,
             scales,
             vectors,
             base,

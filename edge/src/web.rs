@@ -201,8 +201,10 @@ fn to_js(value: &impl Serialize) -> Result<JsValue, JsValue> {
 impl Recommender {
     /// Loads a bundle, checking its format and every section's hash.
     #[wasm_bindgen(constructor)]
-    pub fn new(bundle: &[u8]) -> Result<Recommender, JsValue> {
-        recommend::Recommender::from_bundle(bundle)
+    pub fn new(bundle: Vec<u8>) -> Result<Recommender, JsValue> {
+        // Owned (wasm-bindgen copies the array into linear memory either way), so the
+        // shard is searched in that copy rather than copied once more.
+        recommend::Recommender::from_shared_bundle(bundle.into())
             .map(|inner| Recommender { inner })
             .map_err(|e| thrown_by(&e))
     }

@@ -368,6 +368,27 @@ fn every_flipped_byte_is_an_error() {
     }
 }
 
+/// `open_verified` trusts the checksum to its caller and nothing else.
+#[test]
+fn open_verified_skips_the_checksum_only() {
+    let bytes = write(&fixture(40, 4, 15));
+    let mut stale_trailer = bytes.clone();
+    let last = stale_trailer.len() - 1;
+    stale_trailer[last] ^= 0xff;
+    assert!(invalid_reason(Shard::open(stale_trailer.clone())).contains("checksum"));
+    let trusted = Shard::open_verified(stale_trailer.into()).unwrap();
+    let checked = Shard::open(bytes.clone()).unwrap();
+    let query = [0.5, -0.25, 0.1, 0.8];
+    assert_eq!(
+        trusted.nns(5).search(&query).unwrap(),
+        checked.nns(5).search(&query).unwrap()
+    );
+
+    let mut no_dimension = bytes;
+    no_dimension[12..16].copy_from_slice(&0_u32.to_le_bytes());
+    assert!(invalid_reason(Shard::open_verified(no_dimension.into())).contains("dimension"));
+}
+
 #[test]
 fn wrong_magic_and_version_are_named() {
     let bytes = write(&fixture(10, 4, 12));
