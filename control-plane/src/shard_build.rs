@@ -761,7 +761,8 @@ pub struct BenchReport {
     pub bytes: usize,
     /// The shard's default beam width.
     pub default_ef: usize,
-    /// `Shard::open`: checksum, validation and decoding, the edge's cold-start cost.
+    /// `Shard::open`: checksum, validation and decoding (the edge's cold start skips the
+    /// checksum, which the bundle's section hash covers).
     pub open_time: Duration,
     /// Graph search at each beam width, narrowest first.
     pub graph: Vec<EfResult>,

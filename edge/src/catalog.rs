@@ -377,6 +377,16 @@ impl Catalog {
                 at + 1
             )));
         }
+        // Each spelling once: lookups by name (categories, languages) must not depend on
+        // which of two codes a row happens to use.
+        let mut spellings: Vec<&str> = self.strings.iter().map(String::as_str).collect();
+        spellings.sort_unstable();
+        if let Some(pair) = spellings.windows(2).find(|pair| pair[0] == pair[1]) {
+            return Err(invalid(format!(
+                "column `strings` spells {:?} twice",
+                pair[0]
+            )));
+        }
         let strings = self.strings.len() as u32;
         for (column, values) in [
             ("category", &self.category),

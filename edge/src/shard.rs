@@ -1,8 +1,9 @@
 //! The compact HNSW shard: video embeddings and their navigation graph, read-only.
 //!
 //! The control plane builds the graph (hnsw_rs does not build for wasm) and writes it with
-//! [`ShardWriter`]; the serving path opens the bytes with [`Shard::open`], which checks
-//! everything once, and then searches with a hot loop that cannot fail:
+//! [`ShardWriter`]; the serving path opens the bytes with [`Shard::open`] (or, for a
+//! bundle's section whose hash the bundle just checked, [`Shard::open_verified`]), which
+//! checks everything once, and then searches with a hot loop that cannot fail:
 //!
 //! ```
 //! # use edge::shard::{Shard, ShardGraph, ShardWriter};
@@ -89,8 +90,8 @@ const MAX_LAYERS: usize = 64;
 /// An open shard: validated, immutable, searchable from many threads at once.
 #[derive(Debug, Clone)]
 pub struct Shard {
-    /// Shared, not owned: a shard opened from a bundle's section borrows the bundle's
-    /// buffer instead of copying its tens of megabytes at every cold start.
+    /// Shared, not owned: `Recommender::from_shared_bundle` opens the shard inside the
+    /// bundle's buffer instead of copying its megabytes at every cold start.
     bytes: Bytes,
     dim: usize,
     ids: Vec<u64>,
@@ -139,8 +140,9 @@ impl Shard {
 
     /// [`Shard::open`] for bytes whose integrity the caller has just checked (a bundle's
     /// section, under the bundle's own hash): everything but the checksum is checked as
-    /// before, so a shard that is well-formed but wrong is still refused; hashing the same
-    /// megabytes twice is what this skips.
+    /// before, so malformed bytes are still refused; hashing the same megabytes twice is
+    /// what this skips. The trailer is not read, so [`Shard::into_bytes`] returns it as
+    /// given.
     pub fn open_verified(bytes: Bytes) -> Result<Self, Error> {
         Self::open_with(bytes, Checksum::Trust)
     }

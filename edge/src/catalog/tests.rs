@@ -126,6 +126,15 @@ fn duplicates_and_broken_columns_are_refused_with_the_column_named() {
             .to_string()
             .contains("column `category`, row 2")
     );
+    let mut spelled_twice = catalog.clone();
+    let first = spelled_twice.strings[0].clone();
+    spelled_twice.strings.push(first);
+    assert!(
+        Catalog::from_bytes(&spelled_twice.to_bytes())
+            .unwrap_err()
+            .to_string()
+            .contains("column `strings` spells")
+    );
     let mut regions = catalog.clone();
     regions.region_offsets[1] = 100;
     assert!(
