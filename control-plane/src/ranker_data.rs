@@ -10,8 +10,9 @@
 //! two-tower top `candidates`: serving only ranks what retrieval found), and each positive
 //! brings `negative_sample_ratio` negatives: `impression_negatives` of them from the
 //! session's impressions without engagement, the rest from the retrieved candidates that
-//! the viewer did not engage with (impressions again if those run out). The viewer's history (affinities, two-tower query) is their positives of
-//! the training part. Requests are assigned to the ranker's own train or early-stopping
+//! the viewer did not engage with (impressions again if those run out). The viewer's
+//! history (affinities, recent similarities, two-tower query) is their positives of the
+//! training part. Requests are assigned to the ranker's own train or early-stopping
 //! rows by a hash of the viewer, so one viewer's rows never straddle the two.
 //!
 //! **Evaluation rows** are what serving ranks: for each user of an [`EvalSet`], the
@@ -28,6 +29,7 @@ use edge::catalog::{Catalog, VideoRef};
 use edge::ranker::FeatureValue;
 use edge::ranker::features::{
     COLUMNS, CandidateContext, ColumnKind, ViewerContext, ViewerHistory, ranker_features,
+    recent_vectors,
 };
 use edge::{Channel, Interaction, User, engagement_weight};
 use rand::SeedableRng;
@@ -122,17 +124,22 @@ struct Lookups<'a> {
     catalog: Catalog,
     users: HashMap<u64, &'a User>,
     rows: HashMap<u64, usize>,
+    /// The two-tower video embeddings, row-major in `rows` order.
+    vectors: &'a [f32],
+    dim: usize,
 }
 
 impl<'a> Lookups<'a> {
     fn new(sources: &'a RankerSources<'a>) -> Result<Self, TrainError> {
-        let (ids, _) = sources.retriever.video_embeddings();
+        let (ids, vectors) = sources.retriever.video_embeddings();
         let catalog = Catalog::build(sources.data.videos, sources.channels, &[])
             .map_err(|e| TrainError::NoData(e.to_string()))?;
         Ok(Self {
             catalog,
             users: sources.data.users.iter().map(|u| (u.user_id, u)).collect(),
             rows: ids.iter().enumerate().map(|(row, &id)| (id, row)).collect(),
+            vectors,
+            dim: vectors.len() / ids.len().max(1),
         })
     }
 
@@ -143,6 +150,17 @@ impl<'a> Lookups<'a> {
                 .filter_map(|&id| self.catalog.get(id))
                 .map(|v| (v.category(), v.channel_id())),
         )
+    }
+
+    fn embedding(&self, video_id: u64) -> Option<&[f32]> {
+        let row = *self.rows.get(&video_id)?;
+        self.vectors.get(row * self.dim..(row + 1) * self.dim)
+    }
+
+    /// The [`recent_vectors`] of a history (oldest first), as serving takes them from the
+    /// shard.
+    fn recent_vectors(&self, videos: &[u64]) -> Vec<&[f32]> {
+        recent_vectors(videos.iter().filter_map(|&id| self.embedding(id)))
     }
 }
 
@@ -188,6 +206,8 @@ struct Request<'a> {
     history: &'a ViewerHistory,
     /// The best two-tower score among the request's retrieved candidates.
     best_score: f32,
+    /// The viewer's [`recent_vectors`].
+    recent: &'a [&'a [f32]],
 }
 
 /// A video of a request with what retrieval said about it.
@@ -217,12 +237,21 @@ impl Lookups<'_> {
             history: request.history,
         };
         let video = candidate.video;
+        let similarities: Vec<f32> = match self.embedding(video.video_id()) {
+            Some(vector) => request
+                .recent
+                .iter()
+                .map(|recent| recent.iter().zip(vector).map(|(a, b)| a * b).sum())
+                .collect(),
+            None => Vec::new(),
+        };
         let context = CandidateContext {
             video,
             two_tower_score: candidate.score,
             best_two_tower_score: request.best_score,
             retrieval_rank: candidate.rank,
             source: SOURCE,
+            recent_similarities: &similarities,
         };
         ranker_features(preprocessor, &viewer, &context, &mut out.values);
         out.labels.push(label);
@@ -293,6 +322,7 @@ pub fn training_rows(
             relevant: Vec::new(),
         };
         let history = lookups.history(history_videos);
+        let recent = lookups.recent_vectors(history_videos);
         let scored = Scored::new(sources, &user)?;
         let in_history: HashSet<u64> = history_videos.iter().copied().collect();
         let mut excluded = in_history.clone();
@@ -336,6 +366,7 @@ pub fn training_rows(
                 device: &session[0].device,
                 history: &history,
                 best_score,
+                recent: &recent,
             };
             // Shown in this session and not engaged with anywhere in the part.
             let mut shown: Vec<u64> = session
@@ -427,6 +458,7 @@ pub fn candidate_lists(
         let excluded: HashSet<u64> = user.history.iter().copied().collect();
         let relevant: HashSet<u64> = user.relevant.iter().copied().collect();
         let history = lookups.history(&user.history);
+        let recent = lookups.recent_vectors(&user.history);
         let (time, device) = first
             .get(&user.user_id)
             .map(|(t, d)| (*t, d.as_str()))
@@ -438,6 +470,7 @@ pub fn candidate_lists(
             device,
             history: &history,
             best_score: retrieved.first().map_or(0.0, |&row| scored.scores[row]),
+            recent: &recent,
         };
         for (rank, &row) in retrieved.iter().enumerate() {
             let Some(video) = lookups.catalog.get(ids[row]) else {

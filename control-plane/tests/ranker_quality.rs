@@ -271,13 +271,12 @@ fn the_ranker_improves_the_two_tower_order_on_movielens() {
         &split,
     );
     let measured = measure(&prepared, 4);
-    // MovieLens gives the ranker nothing the two-tower model lacks (no counts, durations
-    // or channels; genres and release dates it already embeds), and its genre statistics
-    // do not carry from the validation part to the test part: the ranker does NOT beat
-    // the two-tower order here (-12% with this four-epoch model, +2.6% with a six-epoch
-    // one; see the README). The floor guards against worse; the trainer is held to
-    // official CatBoost's quality on the same rows.
-    assert_targets("movielens-100k", &measured, 0.85, None);
+    // MovieLens gives the ranker little the two-tower model lacks (no counts, durations
+    // or channels; genres and release dates it already embeds). What it adds is the
+    // viewer's latest videos (`recent_similarity`): the two-tower query pools the whole
+    // history. That is worth a small gain, within a standard error, so the floor is
+    // "not worse than the two-tower order" rather than a significant gain.
+    assert_targets("movielens-100k", &measured, 1.0, None);
 }
 
 #[test]

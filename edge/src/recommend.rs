@@ -31,7 +31,7 @@ use crate::bundle::{BundleView, SectionKind};
 use crate::catalog::{Catalog, VideoRef};
 use crate::preprocess::Preprocessor;
 use crate::ranker::features::{
-    COLUMNS, CandidateContext, ViewerContext, ViewerHistory, ranker_features,
+    COLUMNS, CandidateContext, ViewerContext, ViewerHistory, ranker_features, recent_vectors,
 };
 use crate::ranker::{FeatureValue, RankerModel, RankerScratch};
 use crate::rules::{BusinessRules, Experiments};
@@ -1089,6 +1089,13 @@ impl Run {
                 .filter_map(|&row| rec.catalog.at(row as usize))
                 .map(|v| (v.category(), v.channel_id())),
         );
+        let recent = recent_vectors(
+            self.history_rows
+                .iter()
+                .filter_map(|&row| rec.catalog.at(row as usize))
+                .filter_map(|video| rec.shard.position_of(video.video_id()))
+                .filter_map(|position| rec.shard.vector(position)),
+        );
         let features = &self.request.user_features;
         let viewer = ViewerContext {
             country: features.country.as_deref(),
@@ -1107,12 +1114,21 @@ impl Run {
         let width = rec.ranker.row_width();
         let mut rows: Vec<FeatureValue> = Vec::with_capacity(self.candidates.len() * width);
         let mut row = Vec::with_capacity(COLUMNS.len());
+        let mut similarities = Vec::with_capacity(recent.len());
         for candidate in &self.candidates {
             let video: VideoRef<'_> = rec
                 .catalog
                 .at(candidate.row as usize)
                 .expect("candidates are catalogue rows");
             row.clear();
+            similarities.clear();
+            if let Some(position) = rec.shard.position_of(video.video_id()) {
+                similarities.extend(
+                    recent
+                        .iter()
+                        .filter_map(|vector| rec.shard.score_at(vector, position)),
+                );
+            }
             ranker_features(
                 &rec.preprocessor,
                 &viewer,
@@ -1122,6 +1138,7 @@ impl Run {
                     best_two_tower_score: best,
                     retrieval_rank: candidate.retrieval_rank,
                     source: candidate.source.feature(),
+                    recent_similarities: &similarities,
                 },
                 &mut row,
             );

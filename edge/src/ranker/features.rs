@@ -8,8 +8,10 @@
 //! comment per subscriber, log subscribers and their tier, hour of day on the unit
 //! circle), and the viewer-video features that make a second stage worth having: the
 //! two-tower score (and its gap to the request's best, and the rank in the personalized
-//! query, because raw scores are not comparable across viewers), the viewer's affinity to the video's category and channel, the
-//! video's age, and which retrieval query found it. Missing numbers are NaN (the model's
+//! query, because raw scores are not comparable across viewers), the viewer's affinity to
+//! the video's category and channel, the video's similarity to what the viewer watched
+//! last (mean and maximum over the latest [`RECENT_HISTORY`] videos: the two-tower query
+//! pools the whole history), the video's age, and which retrieval query found it. Missing numbers are NaN (the model's
 //! NaN treatment decides); missing categories are the empty string.
 
 use std::collections::BTreeMap;
@@ -28,7 +30,7 @@ pub enum ColumnKind {
 }
 
 /// The ranker's columns in row order: name and kind.
-pub const COLUMNS: [(&str, ColumnKind); 26] = [
+pub const COLUMNS: [(&str, ColumnKind); 28] = [
     ("country", ColumnKind::Categorical),
     ("user_language", ColumnKind::Categorical),
     ("category", ColumnKind::Categorical),
@@ -55,7 +57,18 @@ pub const COLUMNS: [(&str, ColumnKind); 26] = [
     ("category_affinity", ColumnKind::Float),
     ("channel_affinity", ColumnKind::Float),
     ("video_age_days", ColumnKind::Float),
+    ("recent_similarity", ColumnKind::Float),
+    ("recent_max_similarity", ColumnKind::Float),
 ];
+
+/// How many of the viewer's latest videos `recent_similarity` compares a candidate with.
+pub const RECENT_HISTORY: usize = 5;
+
+/// The viewer's latest [`RECENT_HISTORY`] videos' embeddings (`vectors` oldest first, as
+/// histories are kept): what a candidate's `recent_similarities` are taken against.
+pub fn recent_vectors<V>(vectors: impl DoubleEndedIterator<Item = V>) -> Vec<V> {
+    vectors.rev().take(RECENT_HISTORY).collect()
+}
 
 /// What the viewer watched before, reduced to what the affinity features need.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -129,6 +142,9 @@ pub struct CandidateContext<'a> {
     pub retrieval_rank: Option<u32>,
     /// Which retrieval query found it, e.g. `personalized`, `category`, `popular`.
     pub source: &'a str,
+    /// Inner products of its embedding with each of the viewer's [`recent_vectors`]
+    /// (empty without a history): the row carries their mean and their maximum.
+    pub recent_similarities: &'a [f32],
 }
 
 /// Appends the row of `candidate` for `viewer` to `out`: [`COLUMNS`], in order.
@@ -189,6 +205,17 @@ pub fn ranker_features(
             video
                 .upload_time()
                 .map(|upload| ((viewer.time - upload).max(0) as f64 / 86_400.0) as f32),
+        ),
+        or_nan((!candidate.recent_similarities.is_empty()).then(|| {
+            candidate.recent_similarities.iter().sum::<f32>()
+                / candidate.recent_similarities.len() as f32
+        })),
+        float(
+            candidate
+                .recent_similarities
+                .iter()
+                .copied()
+                .fold(f32::NAN, f32::max),
         ),
     ]);
 }
@@ -297,6 +324,7 @@ mod tests {
             best_two_tower_score: 0.875,
             retrieval_rank: Some(3),
             source: "personalized",
+            recent_similarities: &[0.5, 0.0],
         };
         let mut row = Vec::new();
         ranker_features(&pre, &viewer, &candidate, &mut row);
@@ -323,6 +351,11 @@ mod tests {
         assert_eq!(value(&row, "category_affinity"), FeatureValue::Float(0.5));
         assert_eq!(value(&row, "channel_affinity"), FeatureValue::Float(0.5));
         assert_eq!(value(&row, "video_age_days"), FeatureValue::Float(10.0));
+        assert_eq!(value(&row, "recent_similarity"), FeatureValue::Float(0.25));
+        assert_eq!(
+            value(&row, "recent_max_similarity"),
+            FeatureValue::Float(0.5)
+        );
         assert_eq!(
             value(&row, "likes_per_subscriber"),
             FeatureValue::Float(0.01)
@@ -334,6 +367,12 @@ mod tests {
             format!("{again:?}"),
             "the same inputs give the same row"
         );
+    }
+
+    #[test]
+    fn the_recent_vectors_are_the_latest_five() {
+        assert_eq!(recent_vectors(0..8), vec![7, 6, 5, 4, 3]);
+        assert_eq!(recent_vectors(0..2), vec![1, 0]);
     }
 
     #[test]
@@ -358,6 +397,7 @@ mod tests {
             best_two_tower_score: 0.0,
             retrieval_rank: None,
             source: "popular",
+            recent_similarities: &[],
         };
         let mut row = Vec::new();
         ranker_features(&pre, &viewer, &candidate, &mut row);
@@ -369,6 +409,8 @@ mod tests {
             "channel_affinity",
             "video_age_days",
             "retrieval_rank",
+            "recent_similarity",
+            "recent_max_similarity",
         ] {
             assert!(
                 matches!(value(&row, name), FeatureValue::Float(x) if x.is_nan()),
