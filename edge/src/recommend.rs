@@ -31,7 +31,8 @@ use crate::bundle::{BundleView, SectionKind};
 use crate::catalog::{Catalog, VideoRef};
 use crate::preprocess::Preprocessor;
 use crate::ranker::features::{
-    COLUMNS, CandidateContext, ViewerContext, ViewerHistory, ranker_features, recent_vectors,
+    COLUMNS, CandidateContext, FIRST_RECENT_COLUMN, ViewerContext, ViewerHistory, ranker_features,
+    recent_vectors,
 };
 use crate::ranker::{FeatureValue, RankerModel, RankerScratch};
 use crate::rules::{BusinessRules, Experiments};
@@ -1089,13 +1090,18 @@ impl Run {
                 .filter_map(|&row| rec.catalog.at(row as usize))
                 .map(|v| (v.category(), v.channel_id())),
         );
-        let recent = recent_vectors(
-            self.history_rows
-                .iter()
-                .filter_map(|&row| rec.catalog.at(row as usize))
-                .filter_map(|video| rec.shard.position_of(video.video_id()))
-                .filter_map(|position| rec.shard.vector(position)),
-        );
+        let width = rec.ranker.row_width();
+        let recent = if width > FIRST_RECENT_COLUMN {
+            recent_vectors(
+                self.history_rows
+                    .iter()
+                    .filter_map(|&row| rec.catalog.at(row as usize))
+                    .filter_map(|video| rec.shard.position_of(video.video_id()))
+                    .filter_map(|position| rec.shard.vector(position)),
+            )
+        } else {
+            Vec::new()
+        };
         let features = &self.request.user_features;
         let viewer = ViewerContext {
             country: features.country.as_deref(),
@@ -1111,7 +1117,6 @@ impl Run {
             .map(|c| c.two_tower)
             .filter(|s| s.is_finite())
             .fold(f32::NEG_INFINITY, f32::max);
-        let width = rec.ranker.row_width();
         let mut rows: Vec<FeatureValue> = Vec::with_capacity(self.candidates.len() * width);
         let mut row = Vec::with_capacity(COLUMNS.len());
         let mut similarities = Vec::with_capacity(recent.len());
@@ -1122,7 +1127,10 @@ impl Run {
                 .expect("candidates are catalogue rows");
             row.clear();
             similarities.clear();
-            if let Some(position) = rec.shard.position_of(video.video_id()) {
+            if let Some(position) = (!recent.is_empty())
+                .then(|| rec.shard.position_of(video.video_id()))
+                .flatten()
+            {
                 similarities.extend(
                     recent
                         .iter()

@@ -61,6 +61,10 @@ pub const COLUMNS: [(&str, ColumnKind); 28] = [
     ("recent_max_similarity", ColumnKind::Float),
 ];
 
+/// The first column that needs the viewer's [`recent_vectors`]: a model with fewer
+/// columns (trained before they existed) reads none of them, and serving skips the work.
+pub const FIRST_RECENT_COLUMN: usize = 26;
+
 /// How many of the viewer's latest videos `recent_similarity` compares a candidate with.
 pub const RECENT_HISTORY: usize = 5;
 
@@ -367,6 +371,12 @@ mod tests {
             format!("{again:?}"),
             "the same inputs give the same row"
         );
+    }
+
+    #[test]
+    fn the_recent_columns_start_where_serving_looks_for_them() {
+        assert_eq!(COLUMNS[FIRST_RECENT_COLUMN].0, "recent_similarity");
+        assert_eq!(COLUMNS[FIRST_RECENT_COLUMN + 1].0, "recent_max_similarity");
     }
 
     #[test]
