@@ -164,6 +164,11 @@ impl<'a> Lookups<'a> {
     }
 }
 
+/// Summed in order, so every score of a row is the same bits wherever it is computed.
+fn inner_product(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
 /// A viewer's query embedding and their scores for the whole catalogue.
 struct Scored {
     scores: Vec<f32>,
@@ -175,7 +180,7 @@ impl Scored {
         let (_, vectors) = sources.retriever.video_embeddings();
         let scores = vectors
             .chunks_exact(query.len())
-            .map(|v| v.iter().zip(&query).map(|(a, b)| a * b).sum())
+            .map(|v| inner_product(v, &query))
             .collect();
         Ok(Self { scores })
     }
@@ -241,7 +246,7 @@ impl Lookups<'_> {
             Some(vector) => request
                 .recent
                 .iter()
-                .map(|recent| recent.iter().zip(vector).map(|(a, b)| a * b).sum())
+                .map(|recent| inner_product(recent, vector))
                 .collect(),
             None => Vec::new(),
         };

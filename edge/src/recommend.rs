@@ -58,6 +58,9 @@ pub const MAX_TEXT: usize = 256;
 /// The oldest age a request may give.
 pub const MAX_AGE: f64 = 150.0;
 
+/// `Recommender::shard_position_of_row`'s mark for a video the shard does not hold.
+const NOT_IN_SHARD: u32 = u32::MAX;
+
 /// What is known about the viewer, all optional.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -301,6 +304,9 @@ pub struct Recommender {
     catalog: Catalog,
     rules: BusinessRules,
     experiments: Experiments,
+    /// Each catalogue row's shard position (`NOT_IN_SHARD` for a video the shard lacks):
+    /// the merge that groups categories finds it, so serving need not search for it.
+    shard_position_of_row: Vec<u32>,
     /// Shard positions of each category's videos, with their catalogue rows.
     category_positions: BTreeMap<String, Vec<(u32, u32)>>,
     /// Catalogue rows, most viewed first.
@@ -405,6 +411,7 @@ impl Recommender {
         // sort of plain keys, no per-video lookups or allocations.
         // Catalogue row of each shard position: both sides are sorted by id, so one merge.
         let mut row_of_position = vec![None; shard.len()];
+        let mut shard_position_of_row = vec![NOT_IN_SHARD; catalog.len()];
         let catalog_ids = catalog.video_ids();
         let mut row = 0;
         for &(id, position) in shard.positions_by_id() {
@@ -413,6 +420,7 @@ impl Recommender {
             }
             if catalog_ids.get(row) == Some(&id) {
                 row_of_position[position as usize] = Some(row as u32);
+                shard_position_of_row[row] = position;
             }
         }
         let category_positions = catalog.group_by_category(
@@ -453,6 +461,7 @@ impl Recommender {
             catalog,
             rules,
             experiments,
+            shard_position_of_row,
             category_positions,
             popular_rows,
             popularity_rank,
@@ -575,9 +584,16 @@ impl Recommender {
         scored
     }
 
-    fn two_tower_score(&self, user: &[f32], video_id: u64) -> f32 {
-        self.shard
-            .position_of(video_id)
+    /// The shard position of the video at catalogue row `row`, if the shard holds it.
+    fn shard_position(&self, row: u32) -> Option<usize> {
+        self.shard_position_of_row
+            .get(row as usize)
+            .filter(|&&position| position != NOT_IN_SHARD)
+            .map(|&position| position as usize)
+    }
+
+    fn two_tower_score(&self, user: &[f32], row: u32) -> f32 {
+        self.shard_position(row)
             .and_then(|position| self.shard.score_at(user, position))
             .unwrap_or(f32::NAN)
     }
@@ -976,10 +992,10 @@ impl Run {
     }
 
     fn fallback_candidate(&self, rec: &Recommender, row: u32) -> Candidate {
-        let two_tower = match (&self.user_vector, rec.catalog.at(row as usize)) {
-            (Some(user), Some(video)) => rec.two_tower_score(user, video.video_id()),
-            _ => f32::NAN,
-        };
+        let two_tower = self
+            .user_vector
+            .as_ref()
+            .map_or(f32::NAN, |user| rec.two_tower_score(user, row));
         Candidate {
             row,
             two_tower,
@@ -1095,8 +1111,7 @@ impl Run {
             recent_vectors(
                 self.history_rows
                     .iter()
-                    .filter_map(|&row| rec.catalog.at(row as usize))
-                    .filter_map(|video| rec.shard.position_of(video.video_id()))
+                    .filter_map(|&row| rec.shard_position(row))
                     .filter_map(|position| rec.shard.vector(position)),
             )
         } else {
@@ -1127,9 +1142,8 @@ impl Run {
                 .expect("candidates are catalogue rows");
             row.clear();
             similarities.clear();
-            if let Some(position) = (!recent.is_empty())
-                .then(|| rec.shard.position_of(video.video_id()))
-                .flatten()
+            if !recent.is_empty()
+                && let Some(position) = rec.shard_position(candidate.row)
             {
                 similarities.extend(
                     recent

@@ -96,7 +96,7 @@ pub struct Shard {
     dim: usize,
     ids: Vec<u64>,
     /// `(video id, position)`, sorted by id: what the duplicate check sorts anyway, kept
-    /// for [`Shard::position_of`].
+    /// for [`Shard::positions_by_id`].
     by_id: Vec<(u64, u32)>,
     scales: Vec<f32>,
     vectors: Range<usize>,
@@ -192,14 +192,6 @@ impl Shard {
     /// `(video id, storage position)` of every video, in ascending id order.
     pub fn positions_by_id(&self) -> &[(u64, u32)] {
         &self.by_id
-    }
-
-    /// The storage position of `video_id`, if the shard holds it.
-    pub fn position_of(&self, video_id: u64) -> Option<usize> {
-        self.by_id
-            .binary_search_by_key(&video_id, |&(id, _)| id)
-            .ok()
-            .map(|at| self.by_id[at].1 as usize)
     }
 
     /// The size of the shard's bytes.
