@@ -217,6 +217,10 @@ pub struct RankerModel {
     binary: Vec<BinaryFeature>,
     width: usize,
     ctr_index: Vec<CtrIndex>,
+    /// One per CTR, in order.
+    ctr_bins: Vec<CtrBins>,
+    /// What each input column must hold.
+    column_kinds: Vec<ColumnKind>,
     max_depth: usize,
     sources: Vec<SplitSource>,
     bin_columns: usize,
@@ -308,7 +312,8 @@ impl CtrIndex {
         (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize
     }
 
-    fn get(&self, key: u64) -> Option<&[u32]> {
+    /// The position of `key` among the table's keys (in key order), if it has counts.
+    fn entry(&self, key: u64) -> Option<usize> {
         let mask = self.slots.len() - 1;
         let mut slot = self.home(key);
         loop {
@@ -317,12 +322,54 @@ impl CtrIndex {
                 return None;
             }
             if stored == key {
-                let at = entry as usize;
-                return Some(&self.counts[at * self.width..(at + 1) * self.width]);
+                return Some(entry as usize);
             }
             slot = (slot + 1) & mask;
         }
     }
+
+    fn counts_of(&self, entry: usize) -> &[u32] {
+        &self.counts[entry * self.width..(entry + 1) * self.width]
+    }
+
+    #[cfg(test)]
+    fn get(&self, key: u64) -> Option<&[u32]> {
+        self.entry(key).map(|entry| self.counts_of(entry))
+    }
+
+    fn entries(&self) -> usize {
+        self.counts.len() / self.width.max(1)
+    }
+}
+
+/// What an input column must hold.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ColumnKind {
+    /// No feature reads it.
+    Unused,
+    Float,
+    Cat,
+}
+
+impl ColumnKind {
+    fn admits(self, value: FeatureValue) -> bool {
+        matches!(
+            (self, value),
+            (Self::Unused, _)
+                | (Self::Float, FeatureValue::Float(_))
+                | (Self::Cat, FeatureValue::Cat(_))
+        )
+    }
+}
+
+/// One CTR's bin (the number of its borders below its value) for each key of its table,
+/// worked out when the model loads: serving then needs one probe and one load per
+/// candidate, not the counts' sums, the division and a border search.
+#[derive(Debug, Clone, PartialEq)]
+struct CtrBins {
+    by_entry: Vec<u16>,
+    /// The bin of a key the table does not hold.
+    unseen: u16,
 }
 
 /// Reusable working memory for [`RankerModel::predict_with`].
@@ -333,6 +380,7 @@ pub struct RankerScratch {
     leaves: Vec<u32>,
     small_leaves: Vec<u8>,
     cats: Vec<i32>,
+    values: Vec<f32>,
 }
 
 fn invalid(reason: impl Into<String>) -> Error {
@@ -493,7 +541,31 @@ impl RankerModel {
             }
         }
         let width = columns.keys().next_back().map_or(0, |&last| last + 1);
-        let ctr_index = ctr_tables.iter().map(CtrIndex::of).collect();
+        let mut column_kinds = vec![ColumnKind::Unused; width];
+        for feature in &float_features {
+            column_kinds[feature.flat_index] = ColumnKind::Float;
+        }
+        for feature in &cat_features {
+            column_kinds[feature.flat_index] = ColumnKind::Cat;
+        }
+        let ctr_index: Vec<CtrIndex> = ctr_tables.iter().map(CtrIndex::of).collect();
+        let ctr_bins = ctrs
+            .iter()
+            .map(|ctr| {
+                let table = &ctr_index[ctr.table];
+                let denominator = ctr_tables[ctr.table].counter_denominator;
+                let bin = |counts| {
+                    let value = ctr_value_of(ctr, denominator, counts);
+                    ctr.borders.partition_point(|&border| value > border) as u16
+                };
+                CtrBins {
+                    by_entry: (0..table.entries())
+                        .map(|entry| bin(Some(table.counts_of(entry))))
+                        .collect(),
+                    unseen: bin(None),
+                }
+            })
+            .collect();
         let narrow_bins = float_features.iter().all(|f| f.borders.len() <= 255)
             && ctrs.iter().all(|c| c.borders.len() <= 255);
         let max_depth = trees.iter().map(|t| t.splits.len()).max().unwrap_or(0);
@@ -523,6 +595,8 @@ impl RankerModel {
             binary,
             width,
             ctr_index,
+            ctr_bins,
+            column_kinds,
             max_depth,
             narrow_bins,
             sources,
@@ -551,10 +625,10 @@ impl RankerModel {
         if n == 0 {
             return Ok(Vec::new());
         }
-        self.quantize(rows, n, &mut scratch);
+        let stride = self.quantize(rows, n, &mut scratch);
         let mut bits = Vec::with_capacity(self.sources.len() * n);
         for source in &self.sources {
-            let start = source.column as usize * n;
+            let start = source.column as usize * stride;
             bits.extend(
                 scratch.bins[start..start + n]
                     .iter()
@@ -591,7 +665,7 @@ impl RankerModel {
         if n == 0 {
             return Ok(());
         }
-        self.quantize(rows, n, scratch);
+        let stride = self.quantize(rows, n, scratch);
         let RankerScratch {
             bins,
             narrow_bins,
@@ -606,11 +680,11 @@ impl RankerModel {
             narrow_bins.clear();
             // Lossless: `narrow_bins` says every bin is at most 255.
             narrow_bins.extend(bins.iter().map(|&bin| bin as u8));
-            self.sum_trees(narrow_bins, n, small_leaves, sums);
+            self.sum_trees(narrow_bins, stride, small_leaves, sums);
         } else if self.max_depth <= 8 {
-            self.sum_trees(bins, n, small_leaves, sums);
+            self.sum_trees(bins, stride, small_leaves, sums);
         } else {
-            self.sum_trees(bins, n, leaves, sums);
+            self.sum_trees(bins, stride, leaves, sums);
         }
         for sum in sums.iter_mut() {
             *sum = self.scale * *sum + self.bias;
@@ -619,28 +693,30 @@ impl RankerModel {
     }
 
     /// Adds every tree's leaf value to each candidate's sum, in tree order (so the sums
-    /// are bit for bit those of a plain walk). `bins` is column-major, `n` per column.
+    /// are bit for bit those of a plain walk). `bins` is column-major, `stride` per column
+    /// (see [`RankerModel::quantize`]); `sums` has one entry per candidate.
     fn sum_trees<B: Bin, L: Leaf>(
         &self,
         bins: &[B],
-        n: usize,
+        stride: usize,
         leaves: &mut Vec<L>,
         sums: &mut [f64],
     ) {
+        let n = sums.len();
         leaves.clear();
-        leaves.resize(TREE_BLOCK * n, L::default());
+        leaves.resize(TREE_BLOCK * stride, L::default());
         let column = |split: u32| {
             let source = self.sources[split as usize];
-            let start = source.column as usize * n;
-            (&bins[start..start + n], B::threshold(source.threshold))
+            let start = source.column as usize * stride;
+            (&bins[start..start + stride], B::threshold(source.threshold))
         };
-        let stride = if self.padded_leaves.is_empty() {
+        let table_len = if self.padded_leaves.is_empty() {
             0
         } else {
             1 << self.max_depth
         };
         for (index, block) in self.trees.chunks(TREE_BLOCK).enumerate() {
-            for (tree, leaves) in block.iter().zip(leaves.chunks_exact_mut(n)) {
+            for (tree, leaves) in block.iter().zip(leaves.chunks_exact_mut(stride)) {
                 // All levels of a tree in one pass over the candidates: one write per
                 // candidate instead of one per level.
                 macro_rules! levels {
@@ -673,14 +749,13 @@ impl RankerModel {
                     }
                 }
             }
-            if block.len() == TREE_BLOCK && stride > 0 {
-                let start = index * TREE_BLOCK * stride;
-                let values = &self.padded_leaves[start..start + TREE_BLOCK * stride];
-                let (l0, rest) = leaves.split_at(n);
-                let (l1, rest) = rest.split_at(n);
-                let (l2, l3) = rest.split_at(n);
-                let leaves = [l0, l1, l2, &l3[..n]];
-                match stride {
+            // Each tree's leaves take `stride` entries, of which the first `n` are real.
+            let tree_leaves = |tree: usize| &leaves[tree * stride..tree * stride + n];
+            if block.len() == TREE_BLOCK && table_len > 0 {
+                let start = index * TREE_BLOCK * table_len;
+                let values = &self.padded_leaves[start..start + TREE_BLOCK * table_len];
+                let leaves = std::array::from_fn(tree_leaves);
+                match table_len {
                     1 => add_block::<L, 1>(values, leaves, sums),
                     2 => add_block::<L, 2>(values, leaves, sums),
                     4 => add_block::<L, 4>(values, leaves, sums),
@@ -694,9 +769,7 @@ impl RankerModel {
             } else if let [t0, t1, t2, t3] = block {
                 // One load and store of each sum per block of trees; the additions stay
                 // in tree order, so the sums are the same bits as tree by tree.
-                let (l0, rest) = leaves.split_at(n);
-                let (l1, rest) = rest.split_at(n);
-                let (l2, l3) = rest.split_at(n);
+                let [l0, l1, l2, l3]: [&[L]; TREE_BLOCK] = std::array::from_fn(tree_leaves);
                 for (candidate, sum) in sums.iter_mut().enumerate() {
                     let mut s = *sum;
                     s += t0.leaf_values[l0[candidate].index()];
@@ -706,7 +779,7 @@ impl RankerModel {
                     *sum = s;
                 }
             } else {
-                for (tree, leaves) in block.iter().zip(leaves.chunks_exact(n)) {
+                for (tree, leaves) in block.iter().zip(leaves.chunks_exact(stride)) {
                     for (sum, &leaf) in sums.iter_mut().zip(leaves) {
                         *sum += tree.leaf_values[leaf.index()];
                     }
@@ -730,6 +803,15 @@ impl RankerModel {
             });
         }
         let n = rows.len() / self.width;
+        let fits = |row: &[FeatureValue]| {
+            row.iter()
+                .zip(&self.column_kinds)
+                .all(|(&value, kind)| kind.admits(value))
+        };
+        if rows.chunks_exact(self.width).all(fits) {
+            return Ok(n);
+        }
+        // Only to name the first misfit: the check above is the one that runs per call.
         for row in 0..n {
             let row_values = &rows[row * self.width..(row + 1) * self.width];
             for (index, feature) in self.float_features.iter().enumerate() {
@@ -758,15 +840,7 @@ impl RankerModel {
 
     fn float_at(&self, rows: &[FeatureValue], row: usize, feature: usize) -> f32 {
         let spec = &self.float_features[feature];
-        match rows[row * self.width + spec.flat_index] {
-            FeatureValue::Float(x) if x.is_nan() => match spec.nan_treatment {
-                NanTreatment::AsIs => f32::NAN,
-                NanTreatment::AsFalse => f32::NEG_INFINITY,
-                NanTreatment::AsTrue => f32::INFINITY,
-            },
-            FeatureValue::Float(x) => x,
-            FeatureValue::Cat(_) => f32::NAN,
-        }
+        float_input(rows[row * self.width + spec.flat_index], spec.nan_treatment)
     }
 
     fn cat_at(&self, rows: &[FeatureValue], row: usize, feature: usize) -> CatValue {
@@ -777,26 +851,13 @@ impl RankerModel {
     }
 
     /// The CTR's value for one row (CatBoost's `TModelCtr::Calc`, in f32).
+    #[cfg(test)]
     fn ctr_value(&self, ctr: &Ctr, key: u64) -> f32 {
-        let table = &self.ctr_index[ctr.table];
-        let counter_denominator = self.ctr_tables[ctr.table].counter_denominator;
-        let (count, total) = match (ctr.ctr_type, table.get(key)) {
-            (CtrType::Borders, Some(counts)) => {
-                let above: u32 = counts[ctr.target_border_index + 1..].iter().sum();
-                (above as f32, counts.iter().sum::<u32>() as f32)
-            }
-            (CtrType::Buckets, Some(counts)) => (
-                counts[ctr.target_border_index] as f32,
-                counts.iter().sum::<u32>() as f32,
-            ),
-            (CtrType::Counter | CtrType::FeatureFreq, found) => (
-                found.map_or(0.0, |counts| counts[0] as f32),
-                counter_denominator as f32,
-            ),
-            (CtrType::Borders | CtrType::Buckets, None) => (0.0, 0.0),
-        };
-        let share = (count + ctr.prior_numerator) / (total + ctr.prior_denominator);
-        (share + ctr.shift) * ctr.scale
+        ctr_value_of(
+            ctr,
+            self.ctr_tables[ctr.table].counter_denominator,
+            self.ctr_index[ctr.table].get(key),
+        )
     }
 
     fn ctr_key(&self, ctr: &Ctr, rows: &[FeatureValue], row: usize) -> u64 {
@@ -821,22 +882,30 @@ impl RankerModel {
     }
 
     /// Fills `scratch.bins` column-major with one quantized value per bin column and row
-    /// (`bins[column * n + row]`): for a float or CTR column the number of its borders
-    /// below the value, for a one-hot column 1 if the category matches. Binary feature `b`
-    /// of a row is then `bins[source.column] > source.threshold` (see `SplitSource`):
-    /// quantizing once per column costs a binary search per value instead of a pass per
-    /// border.
-    fn quantize(&self, rows: &[FeatureValue], n: usize, scratch: &mut RankerScratch) {
-        let RankerScratch { bins, cats, .. } = scratch;
+    /// (`bins[column * stride + row]`), and returns `stride`: `n` rounded up to
+    /// [`CANDIDATE_PADDING`], the padding rows' bins 0. For a float or CTR column the bin is
+    /// the number of its borders below the value, for a one-hot column 1 if the category
+    /// matches. Binary feature `b` of a row is then `bins[source.column] > source.threshold`
+    /// (see `SplitSource`): quantizing once per column costs a search per value instead of
+    /// a pass per border.
+    fn quantize(&self, rows: &[FeatureValue], n: usize, scratch: &mut RankerScratch) -> usize {
+        let RankerScratch {
+            bins, cats, values, ..
+        } = scratch;
+        let stride = n.next_multiple_of(CANDIDATE_PADDING);
         bins.clear();
-        bins.resize(self.bin_columns * n, 0);
-        let mut columns = bins.chunks_exact_mut(n.max(1));
-        for (feature, spec) in self.float_features.iter().enumerate() {
+        bins.resize(self.bin_columns * stride, 0);
+        let mut columns = bins
+            .chunks_exact_mut(stride.max(1))
+            .map(|column| &mut column[..n]);
+        for spec in &self.float_features {
             let column = columns.next().expect("one bin column per float feature");
-            for (row, bin) in column.iter_mut().enumerate() {
-                let x = self.float_at(rows, row, feature);
-                *bin = spec.borders.partition_point(|&border| x > border) as u16;
-            }
+            values.clear();
+            values.extend(
+                rows.chunks_exact(self.width)
+                    .map(|row| float_input(row[spec.flat_index], spec.nan_treatment)),
+            );
+            count_borders_below(&spec.borders, values, column);
         }
         for (feature, spec) in self.cat_features.iter().enumerate() {
             cats.clear();
@@ -848,13 +917,16 @@ impl RankerModel {
                 }
             }
         }
-        for ctr in &self.ctrs {
+        for (ctr, bins) in self.ctrs.iter().zip(&self.ctr_bins) {
             let column = columns.next().expect("one bin column per ctr");
+            let table = &self.ctr_index[ctr.table];
             for (row, bin) in column.iter_mut().enumerate() {
-                let value = self.ctr_value(ctr, self.ctr_key(ctr, rows, row));
-                *bin = ctr.borders.partition_point(|&border| value > border) as u16;
+                *bin = table
+                    .entry(self.ctr_key(ctr, rows, row))
+                    .map_or(bins.unseen, |entry| bins.by_entry[entry]);
             }
         }
+        stride
     }
 
     /// Whether binary feature `index` holds for `row`, computed from the model's
@@ -870,6 +942,79 @@ impl RankerModel {
                 let ctr = &self.ctrs[ctr];
                 self.ctr_value(ctr, self.ctr_key(ctr, rows, row)) > border
             }
+        }
+    }
+}
+
+/// The value a float feature compares with its borders: NaN as its treatment says.
+fn float_input(value: FeatureValue, nan_treatment: NanTreatment) -> f32 {
+    match value {
+        FeatureValue::Float(x) if x.is_nan() => match nan_treatment {
+            NanTreatment::AsIs => f32::NAN,
+            NanTreatment::AsFalse => f32::NEG_INFINITY,
+            NanTreatment::AsTrue => f32::INFINITY,
+        },
+        FeatureValue::Float(x) => x,
+        FeatureValue::Cat(_) => f32::NAN,
+    }
+}
+
+/// A CTR's value given its key's counts, `None` for a key its table does not hold
+/// (CatBoost's `TModelCtr::Calc`, in f32).
+fn ctr_value_of(ctr: &Ctr, counter_denominator: u32, counts: Option<&[u32]>) -> f32 {
+    let (count, total) = match (ctr.ctr_type, counts) {
+        (CtrType::Borders, Some(counts)) => {
+            let above: u32 = counts[ctr.target_border_index + 1..].iter().sum();
+            (above as f32, counts.iter().sum::<u32>() as f32)
+        }
+        (CtrType::Buckets, Some(counts)) => (
+            counts[ctr.target_border_index] as f32,
+            counts.iter().sum::<u32>() as f32,
+        ),
+        (CtrType::Counter | CtrType::FeatureFreq, found) => (
+            found.map_or(0.0, |counts| counts[0] as f32),
+            counter_denominator as f32,
+        ),
+        (CtrType::Borders | CtrType::Buckets, None) => (0.0, 0.0),
+    };
+    let share = (count + ctr.prior_numerator) / (total + ctr.prior_denominator);
+    (share + ctr.shift) * ctr.scale
+}
+
+/// Rows whose border searches run interleaved in [`count_borders_below`].
+const SEARCH_LANES: usize = 8;
+
+/// Sets `bins[i]` to the number of `borders` (ascending) below `values[i]`, as
+/// `borders.partition_point(|&b| values[i] > b)` would (so NaN counts none). A lone
+/// branch-free binary search waits on each load before the next; running
+/// `SEARCH_LANES` searches in step lets their loads overlap, as the step count depends
+/// on the borders' length only.
+fn count_borders_below(borders: &[f32], values: &[f32], bins: &mut [u16]) {
+    if borders.is_empty() {
+        bins.fill(0);
+        return;
+    }
+    for (values, bins) in values
+        .chunks(SEARCH_LANES)
+        .zip(bins.chunks_mut(SEARCH_LANES))
+    {
+        // A short last chunk is padded with NaN, which no border is below.
+        let mut lane_values = [f32::NAN; SEARCH_LANES];
+        lane_values[..values.len()].copy_from_slice(values);
+        let mut base = [0usize; SEARCH_LANES];
+        let mut size = borders.len();
+        while size > 1 {
+            let half = size / 2;
+            for (base, &value) in base.iter_mut().zip(&lane_values) {
+                let middle = *base + half;
+                // A plain `if` (even `base += half * bit`) compiles to a branch, and that
+                // branch is a coin toss on every step.
+                *base = std::hint::select_unpredictable(value > borders[middle], middle, *base);
+            }
+            size -= half;
+        }
+        for ((bin, base), &value) in bins.iter_mut().zip(base).zip(&lane_values) {
+            *bin = (base + usize::from(value > borders[base])) as u16;
         }
     }
 }
@@ -900,6 +1045,11 @@ fn add_block<L: Leaf, const LEAVES: usize>(
         *sum = s;
     }
 }
+
+/// Bin columns are padded to a multiple of this many candidates: the leaf-index loop then
+/// runs in whole 128-bit vectors of byte bins, with no scalar tail (which cost as much as
+/// all the vectors of 200 candidates' trees together).
+const CANDIDATE_PADDING: usize = 16;
 
 /// Trees whose leaf indices are computed before their values are added: each candidate's
 /// running sum is then loaded and stored once per block rather than once per tree.

@@ -360,3 +360,34 @@ fn every_depth_and_both_bin_widths_agree_with_the_walk() {
         );
     }
 }
+
+#[test]
+fn interleaved_border_counts_equal_partition_point() {
+    let probes = [
+        f32::NAN,
+        f32::NEG_INFINITY,
+        f32::INFINITY,
+        -2.0,
+        -1.0,
+        -0.5,
+        0.0,
+        0.25,
+        1.0,
+        1.5,
+        7.0,
+    ];
+    for length in 0..20 {
+        let borders: Vec<f32> = (0..length).map(|k| k as f32 * 0.5 - 1.0).collect();
+        // Every count of values, so that full and short lane chunks are both covered.
+        for count in 0..=probes.len() * 2 {
+            let values: Vec<f32> = (0..count).map(|i| probes[i % probes.len()]).collect();
+            let mut bins = vec![u16::MAX; count];
+            count_borders_below(&borders, &values, &mut bins);
+            let expected: Vec<u16> = values
+                .iter()
+                .map(|&x| borders.partition_point(|&b| x > b) as u16)
+                .collect();
+            assert_eq!(bins, expected, "{length} borders, {count} values");
+        }
+    }
+}
