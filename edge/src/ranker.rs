@@ -376,7 +376,7 @@ struct CtrBins {
 #[derive(Debug, Default, Clone)]
 pub struct RankerScratch {
     bins: Vec<u16>,
-    narrow_bins: Vec<u8>,
+    narrow_bins: Vec<NarrowBin>,
     leaves: Vec<u32>,
     small_leaves: Vec<u8>,
     cats: Vec<i32>,
@@ -679,7 +679,7 @@ impl RankerModel {
         if self.max_depth <= 8 && self.narrow_bins {
             narrow_bins.clear();
             // Lossless: `narrow_bins` says every bin is at most 255.
-            narrow_bins.extend(bins.iter().map(|&bin| bin as u8));
+            narrow_bins.extend(bins.iter().map(|&bin| NarrowBin::new(bin)));
             self.sum_trees(narrow_bins, stride, small_leaves, sums);
         } else if self.max_depth <= 8 {
             self.sum_trees(bins, stride, small_leaves, sums);
@@ -766,16 +766,15 @@ impl RankerModel {
                     128 => add_block::<L, 128>(values, leaves, sums),
                     _ => add_block::<L, 256>(values, leaves, sums),
                 }
-            } else if let [t0, t1, t2, t3] = block {
+            } else if block.len() == TREE_BLOCK {
                 // One load and store of each sum per block of trees; the additions stay
                 // in tree order, so the sums are the same bits as tree by tree.
-                let [l0, l1, l2, l3]: [&[L]; TREE_BLOCK] = std::array::from_fn(tree_leaves);
+                let leaves: [&[L]; TREE_BLOCK] = std::array::from_fn(tree_leaves);
                 for (candidate, sum) in sums.iter_mut().enumerate() {
                     let mut s = *sum;
-                    s += t0.leaf_values[l0[candidate].index()];
-                    s += t1.leaf_values[l1[candidate].index()];
-                    s += t2.leaf_values[l2[candidate].index()];
-                    s += t3.leaf_values[l3[candidate].index()];
+                    for (tree, leaves) in block.iter().zip(&leaves) {
+                        s += tree.leaf_values[leaves[candidate].index()];
+                    }
                     *sum = s;
                 }
             } else {
@@ -1019,8 +1018,8 @@ fn count_borders_below(borders: &[f32], values: &[f32], bins: &mut [u16]) {
     }
 }
 
-/// Adds a block of four trees' leaf values to each candidate's sum, in tree order (the same
-/// bits as tree by tree). `values` holds the four trees' tables of `LEAVES` values each; a
+/// Adds a block of trees' leaf values to each candidate's sum, in tree order (the same
+/// bits as tree by tree). `values` holds the block's tables of `LEAVES` values each; a
 /// leaf index masked to `LEAVES - 1` is provably in range, so the loop has no bounds checks
 /// and keeps each table's address in a register.
 fn add_block<L: Leaf, const LEAVES: usize>(
@@ -1028,20 +1027,19 @@ fn add_block<L: Leaf, const LEAVES: usize>(
     leaves: [&[L]; TREE_BLOCK],
     sums: &mut [f64],
 ) {
-    let table = |tree: usize| -> &[f64; LEAVES] {
+    let n = sums.len();
+    let tables: [&[f64; LEAVES]; TREE_BLOCK] = std::array::from_fn(|tree| {
         values[tree * LEAVES..(tree + 1) * LEAVES]
             .try_into()
             .expect("a table of LEAVES values")
-    };
-    let (v0, v1, v2, v3) = (table(0), table(1), table(2), table(3));
-    let [l0, l1, l2, l3] = leaves;
+    });
+    let leaves: [&[L]; TREE_BLOCK] = std::array::from_fn(|tree| &leaves[tree][..n]);
     let mask = LEAVES - 1;
-    for ((((sum, a), b), c), d) in sums.iter_mut().zip(l0).zip(l1).zip(l2).zip(l3) {
+    for (candidate, sum) in sums.iter_mut().enumerate() {
         let mut s = *sum;
-        s += v0[a.index() & mask];
-        s += v1[b.index() & mask];
-        s += v2[c.index() & mask];
-        s += v3[d.index() & mask];
+        for (table, leaves) in tables.iter().zip(&leaves) {
+            s += table[leaves[candidate].index() & mask];
+        }
         *sum = s;
     }
 }
@@ -1060,10 +1058,22 @@ trait Bin: Copy + Default + PartialOrd {
     fn threshold(threshold: u16) -> Self;
 }
 
-impl Bin for u8 {
+/// A bin of at most 255 as a signed byte, offset by -128 so that signed order is the
+/// bins' order: x86's SSE2 compares signed bytes in one instruction, unsigned ones in
+/// three.
+#[derive(Debug, Clone, Copy, Default, PartialEq, PartialOrd)]
+struct NarrowBin(i8);
+
+impl NarrowBin {
+    fn new(bin: u16) -> Self {
+        // Only used when every bin is at most 255 (`narrow_bins`).
+        Self((bin as u8 ^ 0x80) as i8)
+    }
+}
+
+impl Bin for NarrowBin {
     fn threshold(threshold: u16) -> Self {
-        // Only used when every threshold is below 255 (`narrow_bins`).
-        threshold as u8
+        Self::new(threshold)
     }
 }
 
