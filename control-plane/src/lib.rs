@@ -23,6 +23,7 @@ pub mod movielens;
 pub mod object_store;
 pub mod onnx_export;
 pub mod parquet_io;
+pub mod peers_bench;
 pub mod pipeline;
 pub mod progress;
 pub mod publish;

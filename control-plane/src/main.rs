@@ -402,6 +402,33 @@ enum BenchCommand {
         #[arg(long)]
         shard_file: Option<PathBuf>,
     },
+    /// Each serving stage against its native peer on the same inputs, one thread each:
+    /// the tree evaluator against CatBoost's applier, the user tower against onnxruntime,
+    /// shard search against hnswlib (`cargo xtask bench --peers` sets this up).
+    Peers {
+        /// A Python interpreter with catboost, onnxruntime, hnswlib and numpy.
+        #[arg(long)]
+        python: PathBuf,
+        /// A trained two-tower folder (`train two-tower`'s output) whose user tower is
+        /// compared; without it the tower is left out.
+        #[arg(long)]
+        tower: Option<PathBuf>,
+        /// Videos in the shard comparison.
+        #[arg(long, default_value_t = 100_000)]
+        videos: usize,
+        /// Embedding dimension of the shard comparison.
+        #[arg(long, default_value_t = 64)]
+        dim: usize,
+        /// Queries, tower requests and evaluator calls timed per setting.
+        #[arg(long, default_value_t = 1_000)]
+        queries: usize,
+        /// Keep our shard in this file, as `bench shard --shard-file`.
+        #[arg(long)]
+        shard_file: Option<PathBuf>,
+        /// Seed of every input.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1211,6 +1238,28 @@ fn run(cli: Cli) -> Result<()> {
                     shard_file.as_deref()
                 )?
             );
+        }
+        Command::Bench(BenchCommand::Peers {
+            python,
+            tower,
+            videos,
+            dim,
+            queries,
+            shard_file,
+            seed,
+        }) => {
+            let report = control_plane::peers_bench::bench_peers(
+                &control_plane::peers_bench::PeersConfig {
+                    python,
+                    tower_dir: tower,
+                    videos,
+                    dim,
+                    queries,
+                    shard_file,
+                    seed,
+                },
+            )?;
+            println!("{report}");
         }
         Command::Publish(args) => {
             let config = load_config(args.config.as_deref())?;

@@ -154,23 +154,42 @@ pub fn random_model(trees: usize, depth: usize, rng: &mut ChaCha8Rng) -> RankerM
 
 /// Random rows for [`random_model`]'s columns, 5% of floats NaN, 10% unseen categories.
 pub fn random_rows(count: usize, rng: &mut ChaCha8Rng) -> Vec<FeatureValue> {
+    random_rows_with_text(count, rng).0
+}
+
+/// [`random_rows`], and the same rows as tab-separated text, one line per row (the
+/// categories as the strings whose hashes the rows hold), for another applier to read.
+pub fn random_rows_with_text(
+    count: usize,
+    rng: &mut ChaCha8Rng,
+) -> (Vec<FeatureValue>, Vec<String>) {
     let mut rows = Vec::with_capacity(count * (FLOATS + CATS));
+    let mut lines = Vec::with_capacity(count);
     for _ in 0..count {
+        let mut cells = Vec::with_capacity(FLOATS + CATS);
         for _ in 0..FLOATS {
-            rows.push(FeatureValue::Float(if rng.random_bool(0.05) {
+            let x = if rng.random_bool(0.05) {
                 f32::NAN
             } else {
                 rng.random_range(-3.5..3.5)
-            }));
+            };
+            rows.push(FeatureValue::Float(x));
+            cells.push(x.to_string());
         }
         for index in 0..CATS {
             let value = rng.random_range(0..CATEGORIES + CATEGORIES / 10);
-            rows.push(FeatureValue::Cat(CatValue::new(&format!(
-                "c{index}_{value}"
-            ))));
+            let text = format!("c{index}_{value}");
+            rows.push(FeatureValue::Cat(CatValue::new(&text)));
+            cells.push(text);
         }
+        lines.push(cells.join("\t"));
     }
-    rows
+    (rows, lines)
+}
+
+/// The columns of [`random_model`] that hold categories.
+pub fn categorical_columns() -> std::ops::Range<usize> {
+    FLOATS..FLOATS + CATS
 }
 
 /// Times [`RankerModel::predict_with`] on `candidates` rows at once and one row at a time,

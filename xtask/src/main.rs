@@ -18,7 +18,9 @@ tasks:
              publish a bundle to a local store, then serve it with the host (prints its URL; Ctrl-C stops)
   test       fetch test data, build the binaries and the edge module, run every test (args go to cargo test)
   bench      build a 100,000-video bundle (once, cached; --rebuild to redo it) and the
-             edge module, then measure load and recommend in wasmtime against native
+             edge module, then measure load and recommend in wasmtime against native;
+             --peers also installs hnswlib beside the Python referees and times each stage
+             against its native peer (CatBoost's applier, onnxruntime, hnswlib)
   dist       build the edge module's two flavours (release, wasm-opt -Oz when binaryen is installed):
              the raw ABI into target/dist/edge.wasm, the wasm-bindgen browser build into
              target/dist/web/, and report their sizes
@@ -669,7 +671,55 @@ fn bench(args: &[OsString]) -> Result<()> {
             "edge_module",
         ])
         .env("EDGEREC_BENCH_BUNDLE", &bundle)
-        .env("EDGEREC_EDGE_WASM", &edge_wasm))
+        .env("EDGEREC_EDGE_WASM", &edge_wasm))?;
+    if args.iter().any(|a| a == "--peers") {
+        let python = peers_python()?;
+        let step = release_control_plane()?;
+        let peers = cache_dir()?.join("bench").join("peers");
+        std::fs::create_dir_all(&peers)?;
+        // The bench bundle's own tower; the shard side uses `bench shard`'s clustered
+        // vectors, so that recall is measured against exact search on known ground.
+        step(&[
+            &"bench",
+            &"peers",
+            &"--python",
+            &python,
+            &"--tower",
+            &dir.join("data").join("split").join("two-tower"),
+            &"--shard-file",
+            &peers.join("shard-100k-64.bin"),
+        ])?;
+    }
+    Ok(())
+}
+
+/// The peers of `cargo xtask bench --peers`, beside the referees: hnswlib has no wheel
+/// for current Pythons, so pip builds it (about a minute, with the system's C++ compiler).
+const PEER_PACKAGES: [&str; 1] = ["hnswlib==0.8.0"];
+
+/// The referee interpreter with the peer packages added.
+fn peers_python() -> Result<PathBuf> {
+    let python = referee_python()?;
+    let ready = Command::new(&python)
+        .args(["-c", "import hnswlib"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !ready {
+        eprintln!("xtask: installing the peers ({})", PEER_PACKAGES.join(", "));
+        run(Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(PEER_PACKAGES))
+        .context(
+            "pip install of the peer packages (hnswlib builds with the system's C++ compiler)",
+        )?;
+    }
+    Ok(python)
 }
 
 /// Builds the release `control-plane` and returns a runner of its subcommands (one

@@ -1,0 +1,516 @@
+//! `control-plane bench peers`: each serving stage against the native library a user would
+//! otherwise pick, on the same inputs in the same run, one thread each:
+//!
+//! - tree evaluation against official CatBoost's applier (the same model, as CatBoost JSON,
+//!   and the same 200 rows);
+//! - the user tower (tract) against onnxruntime (the same ONNX file and input tensors);
+//! - shard search against hnswlib (the same vectors, queries and graph parameters; each
+//!   beam width's latency set beside hnswlib's at the same or better recall@100).
+//!
+//! Our side runs natively here; the edge bench (`cargo xtask bench`) gives each stage's
+//! wasm/native ratio. The peers run in a Python interpreter with `catboost`,
+//! `onnxruntime` and `hnswlib` (`cargo xtask bench --peers` installs them); the product
+//! never needs them.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use edge::preprocess::Preprocessor;
+use edge::ranker::RankerScratch;
+use edge::shard::{SearchScratch, Shard};
+use edge::tower::{UserTower, UserTowerInput, UserTowerSpec};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::latency::Latency;
+use crate::ranker_bench::{categorical_columns, random_model, random_rows_with_text};
+use crate::shard_build::{
+    CALIBRATION_QUERIES, ShardConfig, build_shard, clustered_embeddings, exact_top_k,
+};
+
+const SCRIPT: &str = include_str!("referee/peers.py");
+
+/// The k of the shard comparison's recall@k.
+const K: usize = 100;
+/// Beam widths timed on both sides.
+const EFS: [usize; 9] = [100, 128, 160, 200, 256, 320, 400, 512, 768];
+
+/// What to compare.
+#[derive(Debug, Clone)]
+pub struct PeersConfig {
+    /// An interpreter with `catboost`, `onnxruntime`, `hnswlib` and `numpy`.
+    pub python: PathBuf,
+    /// A trained two-tower folder (`user_tower.onnx`, `preprocessor.msgpack`,
+    /// `report.json`); without it the tower is not compared.
+    pub tower_dir: Option<PathBuf>,
+    /// Videos in the shard comparison.
+    pub videos: usize,
+    /// Embedding dimension of the shard comparison.
+    pub dim: usize,
+    /// Queries, tower requests and evaluator calls timed per setting.
+    pub queries: usize,
+    /// Keep our shard in this file (built when missing), as `bench shard --shard-file`.
+    pub shard_file: Option<PathBuf>,
+    /// Seed of every input.
+    pub seed: u64,
+}
+
+/// One side's figure and the peer's, for one stage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pair {
+    /// What was timed.
+    pub what: String,
+    /// Ours, natively.
+    pub ours: Latency,
+    /// The peer's, or `None` when no setting of it reached our recall.
+    pub peer: Option<Latency>,
+    /// How far the two sides' outputs (or recalls) are apart.
+    pub agreement: String,
+}
+
+/// What [`bench_peers`] measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeersReport {
+    /// Stage by stage.
+    pub pairs: Vec<Pair>,
+    /// Graph builds: ours (graph, write and calibration) and hnswlib's, seconds.
+    pub build_seconds: (f64, f64),
+    /// Versions of the peer packages.
+    pub versions: String,
+}
+
+impl fmt::Display for PeersReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "peers bench (one thread each; {})", self.versions)?;
+        writeln!(
+            f,
+            "{:<44} {:>10} {:>10} {:>10} {:>10} {:>7}  agreement",
+            "stage", "ours med", "ours p99", "peer med", "peer p99", "ratio"
+        )?;
+        for pair in &self.pairs {
+            match &pair.peer {
+                Some(peer) => writeln!(
+                    f,
+                    "{:<44} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>6.2}x  {}",
+                    pair.what,
+                    pair.ours.median_us,
+                    pair.ours.p99_us,
+                    peer.median_us,
+                    peer.p99_us,
+                    pair.ours.median_us / peer.median_us,
+                    pair.agreement
+                )?,
+                None => writeln!(
+                    f,
+                    "{:<44} {:>10.1} {:>10.1} {:>10} {:>10} {:>7}  {}",
+                    pair.what, pair.ours.median_us, pair.ours.p99_us, "-", "-", "-", pair.agreement
+                )?,
+            }
+        }
+        writeln!(
+            f,
+            "(microseconds; ratio = ours / peer, below 1 is faster) graph build: ours {:.1} s, hnswlib {:.1} s (2 threads each)",
+            self.build_seconds.0, self.build_seconds.1
+        )
+    }
+}
+
+#[derive(Deserialize)]
+struct PeerLatency {
+    median_us: f64,
+    p99_us: f64,
+}
+
+impl From<&PeerLatency> for Latency {
+    fn from(peer: &PeerLatency) -> Self {
+        Latency {
+            median_us: peer.median_us,
+            p99_us: peer.p99_us,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct PeerApplier {
+    latency: PeerLatency,
+    max_abs_difference: f64,
+}
+
+#[derive(Deserialize)]
+struct PeerSearch {
+    ef: usize,
+    latency: PeerLatency,
+    recall: f64,
+}
+
+#[derive(Deserialize)]
+struct PeerShard {
+    build_seconds: f64,
+    searches: Vec<PeerSearch>,
+}
+
+#[derive(Deserialize)]
+struct PeerAnswer {
+    ranker: PeerApplier,
+    tower: Option<PeerApplier>,
+    shard: PeerShard,
+    versions: serde_json::Map<String, serde_json::Value>,
+}
+
+fn write_f32(path: &Path, values: &[f32]) -> Result<()> {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+fn write_i64(path: &Path, values: &[i64]) -> Result<()> {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+fn timed(calls: usize, mut call: impl FnMut() -> Result<()>) -> Result<Latency> {
+    let mut samples = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let started = Instant::now();
+        call()?;
+        samples.push(started.elapsed());
+    }
+    Ok(Latency::of(samples))
+}
+
+/// The ranker side: our evaluator on the bench model (1,000 trees of depth 6) and 200 rows.
+fn ranker_side(dir: &Path, config: &PeersConfig) -> Result<(serde_json::Value, Latency)> {
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+    let model = random_model(1_000, 6, &mut rng);
+    let (rows, lines) = random_rows_with_text(200, &mut rng);
+    std::fs::write(dir.join("ranker.json"), model.to_catboost_json())?;
+    std::fs::write(dir.join("ranker_rows.tsv"), lines.join("\n") + "\n")?;
+    let mut scratch = RankerScratch::default();
+    let mut out = Vec::new();
+    model.predict_with(&rows, &mut scratch, &mut out)?;
+    let predictions = out.clone();
+    let ours = timed(config.queries, || {
+        model.predict_with(&rows, &mut scratch, &mut out)?;
+        Ok(())
+    })?;
+    let spec = json!({
+        "model": "ranker.json",
+        "rows": "ranker_rows.tsv",
+        "cat_columns": categorical_columns().collect::<Vec<_>>(),
+        "our_predictions": predictions,
+        "calls": config.queries,
+    });
+    Ok((spec, ours))
+}
+
+/// The tower side: random valid inputs (histories of 1 to H videos) run one request at a
+/// time, as serving does.
+fn tower_side(
+    dir: &Path,
+    tower_dir: &Path,
+    config: &PeersConfig,
+) -> Result<(serde_json::Value, Latency)> {
+    let read = |name: &str| {
+        let path = tower_dir.join(name);
+        std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
+    };
+    let onnx = read("user_tower.onnx")?;
+    let report: serde_json::Value = serde_json::from_slice(&read("report.json")?)?;
+    let spec: UserTowerSpec = serde_json::from_value(report["spec"].clone())
+        .context("report.json has no valid \"spec\"")?;
+    let preprocessor = Preprocessor::from_bytes(&read("preprocessor.msgpack")?)?;
+    let tower = UserTower::load(&onnx, spec.clone())?;
+    std::fs::write(dir.join("user_tower.onnx"), &onnx)?;
+
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x70_77_65_72);
+    let h = spec.history_length;
+    let row = |rng: &mut ChaCha8Rng, rows: usize| rng.random_range(0..rows.max(1)) as i64;
+    let inputs: Vec<UserTowerInput> = (0..config.queries)
+        .map(|_| {
+            let length = rng.random_range(1..=h);
+            let mut input = UserTowerInput {
+                history_videos: vec![0; h],
+                history_categories: vec![0; h],
+                history_weights: vec![0.0; h],
+                country: row(&mut rng, preprocessor.countries.len()),
+                language: row(&mut rng, preprocessor.languages.len()),
+                age_bucket: row(&mut rng, edge::tower::age_bucket_rows(&preprocessor)),
+                user: row(&mut rng, preprocessor.user_ids.len()),
+                dense: [rng.random_range(-2.0..2.0)],
+            };
+            let mut weight = 1.0f32;
+            for slot in 0..length {
+                input.history_videos[slot] = row(&mut rng, preprocessor.video_ids.len());
+                input.history_categories[slot] = row(&mut rng, preprocessor.categories.len());
+                input.history_weights[slot] = weight;
+                weight *= spec.recency_decay;
+            }
+            let total: f32 = input.history_weights.iter().sum();
+            input.history_weights.iter_mut().for_each(|w| *w /= total);
+            input
+        })
+        .collect();
+
+    let mut embeddings = Vec::with_capacity(inputs.len() * spec.output_dim);
+    for input in &inputs {
+        embeddings.extend(tower.embed(std::slice::from_ref(input))?);
+    }
+    write_f32(&dir.join("tower_ours.f32"), &embeddings)?;
+    let mut next = inputs.iter().cycle();
+    let ours = timed(config.queries, || {
+        let input = next.next().expect("a cycle never ends");
+        tower.embed(std::slice::from_ref(input))?;
+        Ok(())
+    })?;
+
+    let n = inputs.len();
+    let mut tensors = serde_json::Map::new();
+    let mut int_tensor = |name: &str, shape: Vec<usize>, values: Vec<i64>| -> Result<()> {
+        let file = format!("tower_{name}.i64");
+        write_i64(&dir.join(&file), &values)?;
+        tensors.insert(
+            name.into(),
+            json!({"file": file, "dtype": "<i8", "shape": shape}),
+        );
+        Ok(())
+    };
+    let flat = |f: &dyn Fn(&UserTowerInput) -> &[i64]| -> Vec<i64> {
+        inputs.iter().flat_map(|i| f(i).iter().copied()).collect()
+    };
+    int_tensor("history_videos", vec![n, h], flat(&|i| &i.history_videos))?;
+    int_tensor(
+        "history_categories",
+        vec![n, h],
+        flat(&|i| &i.history_categories),
+    )?;
+    int_tensor(
+        "country",
+        vec![n],
+        inputs.iter().map(|i| i.country).collect(),
+    )?;
+    int_tensor(
+        "language",
+        vec![n],
+        inputs.iter().map(|i| i.language).collect(),
+    )?;
+    int_tensor(
+        "age_bucket",
+        vec![n],
+        inputs.iter().map(|i| i.age_bucket).collect(),
+    )?;
+    int_tensor("user", vec![n], inputs.iter().map(|i| i.user).collect())?;
+    let weights: Vec<f32> = inputs
+        .iter()
+        .flat_map(|i| i.history_weights.iter().copied())
+        .collect();
+    write_f32(&dir.join("tower_history_weights.f32"), &weights)?;
+    tensors.insert(
+        "history_weights".into(),
+        json!({"file": "tower_history_weights.f32", "dtype": "<f4", "shape": [n, h]}),
+    );
+    let dense: Vec<f32> = inputs.iter().map(|i| i.dense[0]).collect();
+    write_f32(&dir.join("tower_dense.f32"), &dense)?;
+    tensors.insert(
+        "dense".into(),
+        json!({"file": "tower_dense.f32", "dtype": "<f4", "shape": [n, 1]}),
+    );
+    let spec = json!({
+        "model": "user_tower.onnx",
+        "inputs": tensors,
+        "requests": n,
+        "our_embeddings": "tower_ours.f32",
+    });
+    Ok((spec, ours))
+}
+
+/// Our shard at each of [`EFS`]: (ef, latency, recall@100).
+type ShardRows = Vec<(usize, Latency, f64)>;
+
+/// The shard side: clustered unit vectors (as `bench shard`), ids equal to row numbers so
+/// that both sides name videos alike.
+fn shard_side(dir: &Path, config: &PeersConfig) -> Result<(serde_json::Value, ShardRows, f64)> {
+    let (points, dim, queries) = (config.videos, config.dim, config.queries);
+    let all = clustered_embeddings(points + CALIBRATION_QUERIES + queries, dim, config.seed);
+    let (vectors, rest) = all.split_at(points * dim);
+    let (calibration, query_vectors) = rest.split_at(CALIBRATION_QUERIES * dim);
+    let ids: Vec<u64> = (0..points as u64).collect();
+    let shard_config = ShardConfig::default();
+    let cached = config
+        .shard_file
+        .as_ref()
+        .filter(|path| path.exists())
+        .map(std::fs::read)
+        .transpose()?;
+    let (bytes, build_seconds) = match cached {
+        Some(bytes) => (bytes, f64::NAN),
+        None => {
+            eprintln!("peers: building our shard of {points} videos");
+            let (bytes, report) = build_shard(&ids, vectors, dim, &shard_config, calibration)?;
+            if let Some(path) = &config.shard_file {
+                std::fs::write(path, &bytes)?;
+            }
+            (bytes, report.total_time().as_secs_f64())
+        }
+    };
+    let shard = Shard::open(bytes)?;
+    ensure!(
+        shard.len() == points
+            && shard.dim() == dim
+            && shard
+                .exact_search(&vectors[..dim], 1)?
+                .first()
+                .is_some_and(|hit| hit.0 == 0),
+        "the shard file holds other vectors than this bench's (another --videos, --dim or --seed): remove it"
+    );
+    let exact: Vec<Vec<u64>> = query_vectors
+        .chunks_exact(dim)
+        .map(|q| {
+            exact_top_k(vectors, dim, q, K)
+                .into_iter()
+                .map(|row| row as u64)
+                .collect()
+        })
+        .collect();
+    let mut scratch = SearchScratch::default();
+    let mut rows = Vec::with_capacity(EFS.len());
+    for ef in EFS {
+        let search = shard.nns(K).ef(ef);
+        let mut found = 0usize;
+        let mut samples: Vec<Duration> = Vec::with_capacity(queries);
+        for (query, truth) in query_vectors.chunks_exact(dim).zip(&exact) {
+            let started = Instant::now();
+            let hits = search.search_with(query, &mut scratch)?;
+            samples.push(started.elapsed());
+            found += hits.iter().filter(|hit| truth.contains(&hit.0)).count();
+        }
+        rows.push((
+            ef,
+            Latency::of(samples),
+            found as f64 / (K * exact.len()) as f64,
+        ));
+    }
+    write_f32(&dir.join("shard_vectors.f32"), vectors)?;
+    write_f32(&dir.join("shard_queries.f32"), query_vectors)?;
+    let exact_rows: Vec<u8> = exact
+        .iter()
+        .flatten()
+        .flat_map(|&row| (row as u32).to_le_bytes())
+        .collect();
+    std::fs::write(dir.join("shard_exact.u32"), exact_rows)?;
+    let spec = json!({
+        "dim": dim,
+        "vectors": "shard_vectors.f32",
+        "queries": "shard_queries.f32",
+        "exact": "shard_exact.u32",
+        "k": K,
+        "m": shard_config.m,
+        "ef_construction": shard_config.ef_construction,
+        "build_threads": 2,
+        "efs": EFS,
+    });
+    Ok((spec, rows, build_seconds))
+}
+
+/// Runs our side of every stage, then the peers on the same inputs, and pairs them up.
+pub fn bench_peers(config: &PeersConfig) -> Result<PeersReport> {
+    ensure!(
+        config.queries > 0 && config.videos > K && config.dim > 0,
+        "--queries must be at least 1, --videos above {K}, --dim at least 1"
+    );
+    let dir = tempfile::tempdir()?;
+    let path = dir.path();
+    let mut manifest = serde_json::Map::new();
+
+    eprintln!("peers: ours (ranker)");
+    let (ranker_spec, ranker_ours) = ranker_side(path, config)?;
+    manifest.insert("ranker".into(), ranker_spec);
+    let tower_ours = match &config.tower_dir {
+        Some(tower_dir) => {
+            eprintln!("peers: ours (tower)");
+            let (spec, ours) = tower_side(path, tower_dir, config)?;
+            manifest.insert("tower".into(), spec);
+            Some(ours)
+        }
+        None => None,
+    };
+    eprintln!("peers: ours (shard)");
+    let (shard_spec, shard_ours, our_build) = shard_side(path, config)?;
+    manifest.insert("shard".into(), shard_spec);
+    std::fs::write(
+        path.join("manifest.json"),
+        serde_json::Value::Object(manifest).to_string(),
+    )?;
+    std::fs::write(path.join("peers.py"), SCRIPT)?;
+
+    eprintln!("peers: the peers ({})", config.python.display());
+    let status = Command::new(&config.python)
+        .arg(path.join("peers.py"))
+        .arg(path)
+        .status()
+        .with_context(|| format!("running {}", config.python.display()))?;
+    if !status.success() {
+        bail!(
+            "{} peers.py failed ({status}); it needs catboost, onnxruntime, hnswlib and numpy (`cargo xtask bench --peers` installs them)",
+            config.python.display()
+        );
+    }
+    let answer: PeerAnswer = serde_json::from_slice(&std::fs::read(path.join("peers.json"))?)
+        .context("reading the peers' answer")?;
+
+    let mut pairs = vec![Pair {
+        what: "trees: 1,000 x depth 6, 200 rows vs catboost".into(),
+        ours: ranker_ours,
+        peer: Some((&answer.ranker.latency).into()),
+        agreement: format!(
+            "predictions within {:.1e}",
+            answer.ranker.max_abs_difference
+        ),
+    }];
+    if let (Some(ours), Some(peer)) = (tower_ours, &answer.tower) {
+        pairs.push(Pair {
+            what: "user tower, batch 1: tract vs onnxruntime".into(),
+            ours,
+            peer: Some((&peer.latency).into()),
+            agreement: format!("embeddings within {:.1e}", peer.max_abs_difference),
+        });
+    }
+    for (ef, ours, recall) in shard_ours {
+        // hnswlib's cheapest beam that finds at least as much.
+        let peer = answer
+            .shard
+            .searches
+            .iter()
+            .filter(|peer| peer.recall >= recall)
+            .min_by(|a, b| a.latency.median_us.total_cmp(&b.latency.median_us));
+        pairs.push(Pair {
+            what: format!(
+                "shard top {K}, {} x {}, ef {ef} vs hnswlib",
+                config.videos, config.dim
+            ),
+            ours,
+            peer: peer.map(|peer| (&peer.latency).into()),
+            agreement: match peer {
+                Some(peer) => format!(
+                    "recall {recall:.4}; hnswlib ef {} recall {:.4}",
+                    peer.ef, peer.recall
+                ),
+                None => format!("recall {recall:.4}; hnswlib never reached it"),
+            },
+        });
+    }
+    let versions = answer
+        .versions
+        .iter()
+        .map(|(name, version)| format!("{name} {}", version.as_str().unwrap_or("?")))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok(PeersReport {
+        pairs,
+        build_seconds: (our_build, answer.shard.build_seconds),
+        versions,
+    })
+}
