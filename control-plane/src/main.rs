@@ -428,6 +428,9 @@ enum BenchCommand {
         /// Seed of every input.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Rounds of ours-then-peers timings (the machine's speed drifts between them).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
 }
 
@@ -1247,6 +1250,7 @@ fn run(cli: Cli) -> Result<()> {
             queries,
             shard_file,
             seed,
+            rounds,
         }) => {
             let report = control_plane::peers_bench::bench_peers(
                 &control_plane::peers_bench::PeersConfig {
@@ -1257,6 +1261,7 @@ fn run(cli: Cli) -> Result<()> {
                     queries,
                     shard_file,
                     seed,
+                    rounds,
                 },
             )?;
             println!("{report}");

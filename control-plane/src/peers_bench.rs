@@ -58,6 +58,8 @@ pub struct PeersConfig {
     pub shard_file: Option<PathBuf>,
     /// Seed of every input.
     pub seed: u64,
+    /// Rounds of ours-then-peers timings.
+    pub rounds: usize,
 }
 
 /// One side's figure and the peer's, for one stage.
@@ -69,6 +71,8 @@ pub struct Pair {
     pub ours: Latency,
     /// The peer's, or `None` when no setting of it reached our recall.
     pub peer: Option<Latency>,
+    /// Ours / the peer's median in each round (empty when the peer never matched).
+    pub ratios: Vec<f64>,
     /// How far the two sides' outputs (or recalls) are apart.
     pub agreement: String,
 }
@@ -78,44 +82,63 @@ pub struct Pair {
 pub struct PeersReport {
     /// Stage by stage.
     pub pairs: Vec<Pair>,
-    /// Graph builds: ours (graph, write and calibration) and hnswlib's, seconds.
-    pub build_seconds: (f64, f64),
+    /// Graph builds, seconds: ours (graph, write and calibration; `None` when the shard
+    /// file was reused) and hnswlib's.
+    pub build_seconds: (Option<f64>, f64),
     /// Versions of the peer packages.
     pub versions: String,
 }
 
 impl fmt::Display for PeersReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "peers bench (one thread each; {})", self.versions)?;
         writeln!(
             f,
-            "{:<44} {:>10} {:>10} {:>10} {:>10} {:>7}  agreement",
-            "stage", "ours med", "ours p99", "peer med", "peer p99", "ratio"
+            "peers bench, one thread each, {} rounds ({}); the figures are the round with the median ratio",
+            self.pairs.first().map_or(0, |pair| pair.ratios.len()),
+            self.versions
+        )?;
+        writeln!(
+            f,
+            "{:<46} {:>9} {:>9} {:>9} {:>9}  {:<18}  agreement",
+            "stage", "ours med", "ours p99", "peer med", "peer p99", "ratio, per round"
         )?;
         for pair in &self.pairs {
-            match &pair.peer {
-                Some(peer) => writeln!(
-                    f,
-                    "{:<44} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>6.2}x  {}",
-                    pair.what,
-                    pair.ours.median_us,
-                    pair.ours.p99_us,
-                    peer.median_us,
-                    peer.p99_us,
-                    pair.ours.median_us / peer.median_us,
-                    pair.agreement
-                )?,
-                None => writeln!(
-                    f,
-                    "{:<44} {:>10.1} {:>10.1} {:>10} {:>10} {:>7}  {}",
-                    pair.what, pair.ours.median_us, pair.ours.p99_us, "-", "-", "-", pair.agreement
-                )?,
-            }
+            let ratios = pair
+                .ratios
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let (median, p99) = pair.peer.map_or(("-".into(), "-".into()), |peer| {
+                (
+                    format!("{:.1}", peer.median_us),
+                    format!("{:.1}", peer.p99_us),
+                )
+            });
+            writeln!(
+                f,
+                "{:<46} {:>9.1} {:>9.1} {:>9} {:>9}  {:<18}  {}",
+                pair.what,
+                pair.ours.median_us,
+                pair.ours.p99_us,
+                median,
+                p99,
+                if ratios.is_empty() {
+                    "-".into()
+                } else {
+                    ratios
+                },
+                pair.agreement
+            )?;
         }
+        let ours = self
+            .build_seconds
+            .0
+            .map_or("reused from --shard-file".into(), |s| format!("{s:.1} s"));
         writeln!(
             f,
-            "(microseconds; ratio = ours / peer, below 1 is faster) graph build: ours {:.1} s, hnswlib {:.1} s (2 threads each)",
-            self.build_seconds.0, self.build_seconds.1
+            "(microseconds; ratio = ours / peer, below 1 is faster) graph build (2 threads each): ours {ours}, hnswlib {:.1} s",
+            self.build_seconds.1
         )
     }
 }
@@ -183,7 +206,10 @@ fn timed(calls: usize, mut call: impl FnMut() -> Result<()>) -> Result<Latency> 
 }
 
 /// The ranker side: our evaluator on the bench model (1,000 trees of depth 6) and 200 rows.
-fn ranker_side(dir: &Path, config: &PeersConfig) -> Result<(serde_json::Value, Latency)> {
+fn ranker_side(
+    dir: &Path,
+    config: &PeersConfig,
+) -> Result<(serde_json::Value, impl FnMut() -> Result<Latency>)> {
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
     let model = random_model(1_000, 6, &mut rng);
     let (rows, lines) = random_rows_with_text(200, &mut rng);
@@ -193,10 +219,13 @@ fn ranker_side(dir: &Path, config: &PeersConfig) -> Result<(serde_json::Value, L
     let mut out = Vec::new();
     model.predict_with(&rows, &mut scratch, &mut out)?;
     let predictions = out.clone();
-    let ours = timed(config.queries, || {
-        model.predict_with(&rows, &mut scratch, &mut out)?;
-        Ok(())
-    })?;
+    let calls = config.queries;
+    let ours = move || {
+        timed(calls, || {
+            model.predict_with(&rows, &mut scratch, &mut out)?;
+            Ok(())
+        })
+    };
     let spec = json!({
         "model": "ranker.json",
         "rows": "ranker_rows.tsv",
@@ -213,7 +242,7 @@ fn tower_side(
     dir: &Path,
     tower_dir: &Path,
     config: &PeersConfig,
-) -> Result<(serde_json::Value, Latency)> {
+) -> Result<(serde_json::Value, impl FnMut() -> Result<Latency>)> {
     let read = |name: &str| {
         let path = tower_dir.join(name);
         std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
@@ -260,13 +289,6 @@ fn tower_side(
         embeddings.extend(tower.embed(std::slice::from_ref(input))?);
     }
     write_f32(&dir.join("tower_ours.f32"), &embeddings)?;
-    let mut next = inputs.iter().cycle();
-    let ours = timed(config.queries, || {
-        let input = next.next().expect("a cycle never ends");
-        tower.embed(std::slice::from_ref(input))?;
-        Ok(())
-    })?;
-
     let n = inputs.len();
     let mut tensors = serde_json::Map::new();
     let mut int_tensor = |name: &str, shape: Vec<usize>, values: Vec<i64>| -> Result<()> {
@@ -324,15 +346,36 @@ fn tower_side(
         "requests": n,
         "our_embeddings": "tower_ours.f32",
     });
+    let ours = move || {
+        let mut next = inputs.iter().cycle();
+        timed(n, || {
+            let input = next.next().expect("a cycle never ends");
+            tower.embed(std::slice::from_ref(input))?;
+            Ok(())
+        })
+    };
     Ok((spec, ours))
 }
 
-/// Our shard at each of [`EFS`]: (ef, latency, recall@100).
+/// Our shard at each of [`EFS`] and its calibrated default: (ef, latency, recall@100).
 type ShardRows = Vec<(usize, Latency, f64)>;
+
+/// What the shard side prepared.
+struct ShardSide {
+    /// The peers' part of the manifest.
+    spec: serde_json::Value,
+    /// The shard's calibrated beam width.
+    default_ef: usize,
+    /// Our build (graph, write and calibration), unless the shard file was reused.
+    build_seconds: Option<f64>,
+}
 
 /// The shard side: clustered unit vectors (as `bench shard`), ids equal to row numbers so
 /// that both sides name videos alike.
-fn shard_side(dir: &Path, config: &PeersConfig) -> Result<(serde_json::Value, ShardRows, f64)> {
+fn shard_side(
+    dir: &Path,
+    config: &PeersConfig,
+) -> Result<(ShardSide, impl FnMut() -> Result<ShardRows>)> {
     let (points, dim, queries) = (config.videos, config.dim, config.queries);
     let all = clustered_embeddings(points + CALIBRATION_QUERIES + queries, dim, config.seed);
     let (vectors, rest) = all.split_at(points * dim);
@@ -346,14 +389,14 @@ fn shard_side(dir: &Path, config: &PeersConfig) -> Result<(serde_json::Value, Sh
         .map(std::fs::read)
         .transpose()?;
     let (bytes, build_seconds) = match cached {
-        Some(bytes) => (bytes, f64::NAN),
+        Some(bytes) => (bytes, None),
         None => {
             eprintln!("peers: building our shard of {points} videos");
             let (bytes, report) = build_shard(&ids, vectors, dim, &shard_config, calibration)?;
             if let Some(path) = &config.shard_file {
                 std::fs::write(path, &bytes)?;
             }
-            (bytes, report.total_time().as_secs_f64())
+            (bytes, Some(report.total_time().as_secs_f64()))
         }
     };
     let shard = Shard::open(bytes)?;
@@ -375,24 +418,6 @@ fn shard_side(dir: &Path, config: &PeersConfig) -> Result<(serde_json::Value, Sh
                 .collect()
         })
         .collect();
-    let mut scratch = SearchScratch::default();
-    let mut rows = Vec::with_capacity(EFS.len());
-    for ef in EFS {
-        let search = shard.nns(K).ef(ef);
-        let mut found = 0usize;
-        let mut samples: Vec<Duration> = Vec::with_capacity(queries);
-        for (query, truth) in query_vectors.chunks_exact(dim).zip(&exact) {
-            let started = Instant::now();
-            let hits = search.search_with(query, &mut scratch)?;
-            samples.push(started.elapsed());
-            found += hits.iter().filter(|hit| truth.contains(&hit.0)).count();
-        }
-        rows.push((
-            ef,
-            Latency::of(samples),
-            found as f64 / (K * exact.len()) as f64,
-        ));
-    }
     write_f32(&dir.join("shard_vectors.f32"), vectors)?;
     write_f32(&dir.join("shard_queries.f32"), query_vectors)?;
     let exact_rows: Vec<u8> = exact
@@ -412,96 +437,167 @@ fn shard_side(dir: &Path, config: &PeersConfig) -> Result<(serde_json::Value, Sh
         "build_threads": 2,
         "efs": EFS,
     });
-    Ok((spec, rows, build_seconds))
+    let default_ef = shard.search_ef();
+    let mut efs = EFS.to_vec();
+    efs.push(default_ef);
+    efs.sort_unstable();
+    efs.dedup();
+    let query_vectors = query_vectors.to_vec();
+    let mut scratch = SearchScratch::default();
+    let ours = move || {
+        let mut rows = Vec::with_capacity(efs.len());
+        for &ef in &efs {
+            let search = shard.nns(K).ef(ef);
+            let mut found = 0usize;
+            let mut samples: Vec<Duration> = Vec::with_capacity(queries);
+            for (query, truth) in query_vectors.chunks_exact(dim).zip(&exact) {
+                let started = Instant::now();
+                let hits = search.search_with(query, &mut scratch)?;
+                samples.push(started.elapsed());
+                found += hits.iter().filter(|hit| truth.contains(&hit.0)).count();
+            }
+            rows.push((
+                ef,
+                Latency::of(samples),
+                found as f64 / (K * exact.len()) as f64,
+            ));
+        }
+        Ok(rows)
+    };
+    Ok((
+        ShardSide {
+            spec,
+            default_ef,
+            build_seconds,
+        },
+        ours,
+    ))
 }
 
 /// Runs our side of every stage, then the peers on the same inputs, and pairs them up.
 pub fn bench_peers(config: &PeersConfig) -> Result<PeersReport> {
     ensure!(
-        config.queries > 0 && config.videos > K && config.dim > 0,
-        "--queries must be at least 1, --videos above {K}, --dim at least 1"
+        config.queries > 0 && config.videos > K && config.dim > 0 && config.rounds > 0,
+        "--queries and --rounds must be at least 1, --videos above {K}, --dim at least 1"
     );
     let dir = tempfile::tempdir()?;
     let path = dir.path();
     let mut manifest = serde_json::Map::new();
 
-    eprintln!("peers: ours (ranker)");
-    let (ranker_spec, ranker_ours) = ranker_side(path, config)?;
+    eprintln!("peers: preparing the inputs");
+    let (ranker_spec, mut ranker_ours) = ranker_side(path, config)?;
     manifest.insert("ranker".into(), ranker_spec);
-    let tower_ours = match &config.tower_dir {
+    let mut tower_ours = match &config.tower_dir {
         Some(tower_dir) => {
-            eprintln!("peers: ours (tower)");
             let (spec, ours) = tower_side(path, tower_dir, config)?;
             manifest.insert("tower".into(), spec);
             Some(ours)
         }
         None => None,
     };
-    eprintln!("peers: ours (shard)");
-    let (shard_spec, shard_ours, our_build) = shard_side(path, config)?;
-    manifest.insert("shard".into(), shard_spec);
+    let (shard_side, mut shard_ours) = shard_side(path, config)?;
+    let default_ef = shard_side.default_ef;
+    manifest.insert("shard".into(), shard_side.spec);
     std::fs::write(
         path.join("manifest.json"),
         serde_json::Value::Object(manifest).to_string(),
     )?;
     std::fs::write(path.join("peers.py"), SCRIPT)?;
 
-    eprintln!("peers: the peers ({})", config.python.display());
-    let status = Command::new(&config.python)
-        .arg(path.join("peers.py"))
-        .arg(path)
-        .status()
-        .with_context(|| format!("running {}", config.python.display()))?;
-    if !status.success() {
-        bail!(
-            "{} peers.py failed ({status}); it needs catboost, onnxruntime, hnswlib and numpy (`cargo xtask bench --peers` installs them)",
+    // The machine's speed drifts between minutes: each round times both sides back to
+    // back, and the report keeps every round's ratio.
+    let mut rounds: Vec<Vec<Pair>> = Vec::new();
+    let mut answer = None;
+    for round in 1..=config.rounds {
+        eprintln!("peers: round {round} of {}: ours", config.rounds);
+        let ranker = ranker_ours()?;
+        let tower = tower_ours.as_mut().map(|ours| ours()).transpose()?;
+        let shard = shard_ours()?;
+        eprintln!(
+            "peers: round {round} of {}: the peers ({})",
+            config.rounds,
             config.python.display()
         );
-    }
-    let answer: PeerAnswer = serde_json::from_slice(&std::fs::read(path.join("peers.json"))?)
-        .context("reading the peers' answer")?;
-
-    let mut pairs = vec![Pair {
-        what: "trees: 1,000 x depth 6, 200 rows vs catboost".into(),
-        ours: ranker_ours,
-        peer: Some((&answer.ranker.latency).into()),
-        agreement: format!(
-            "predictions within {:.1e}",
-            answer.ranker.max_abs_difference
-        ),
-    }];
-    if let (Some(ours), Some(peer)) = (tower_ours, &answer.tower) {
-        pairs.push(Pair {
-            what: "user tower, batch 1: tract vs onnxruntime".into(),
+        let status = Command::new(&config.python)
+            .arg(path.join("peers.py"))
+            .arg(path)
+            .status()
+            .with_context(|| format!("running {}", config.python.display()))?;
+        if !status.success() {
+            bail!(
+                "{} peers.py failed ({status}); it needs catboost, onnxruntime, hnswlib and numpy (`cargo xtask bench --peers` installs them)",
+                config.python.display()
+            );
+        }
+        let peers: PeerAnswer = serde_json::from_slice(&std::fs::read(path.join("peers.json"))?)
+            .context("reading the peers' answer")?;
+        let pair = |what: String, ours, peer, agreement| Pair {
+            what,
             ours,
-            peer: Some((&peer.latency).into()),
-            agreement: format!("embeddings within {:.1e}", peer.max_abs_difference),
-        });
-    }
-    for (ef, ours, recall) in shard_ours {
-        // hnswlib's cheapest beam that finds at least as much.
-        let peer = answer
-            .shard
-            .searches
-            .iter()
-            .filter(|peer| peer.recall >= recall)
-            .min_by(|a, b| a.latency.median_us.total_cmp(&b.latency.median_us));
-        pairs.push(Pair {
-            what: format!(
-                "shard top {K}, {} x {}, ef {ef} vs hnswlib",
-                config.videos, config.dim
-            ),
-            ours,
-            peer: peer.map(|peer| (&peer.latency).into()),
-            agreement: match peer {
-                Some(peer) => format!(
-                    "recall {recall:.4}; hnswlib ef {} recall {:.4}",
-                    peer.ef, peer.recall
+            peer,
+            ratios: Vec::new(),
+            agreement,
+        };
+        let mut pairs = vec![pair(
+            "trees: 1,000 x depth 6, 200 rows vs catboost".into(),
+            ranker,
+            Some(Latency::from(&peers.ranker.latency)),
+            format!("predictions within {:.1e}", peers.ranker.max_abs_difference),
+        )];
+        if let (Some(ours), Some(peer)) = (tower, &peers.tower) {
+            pairs.push(pair(
+                "user tower, batch 1: tract vs onnxruntime".into(),
+                ours,
+                Some((&peer.latency).into()),
+                format!("embeddings within {:.1e}", peer.max_abs_difference),
+            ));
+        }
+        for (ef, ours, recall) in shard {
+            // hnswlib's cheapest beam that finds at least as much.
+            let peer = peers
+                .shard
+                .searches
+                .iter()
+                .filter(|peer| peer.recall >= recall)
+                .min_by(|a, b| a.latency.median_us.total_cmp(&b.latency.median_us));
+            pairs.push(pair(
+                format!(
+                    "shard, {}k x {}, ef {ef}{}",
+                    config.videos / 1000,
+                    config.dim,
+                    if ef == default_ef { " (default)" } else { "" }
                 ),
-                None => format!("recall {recall:.4}; hnswlib never reached it"),
-            },
-        });
+                ours,
+                peer.map(|peer| (&peer.latency).into()),
+                match peer {
+                    Some(peer) => format!(
+                        "recall@{K} {recall:.4}; hnswlib ef {} {:.4}",
+                        peer.ef, peer.recall
+                    ),
+                    None => format!("recall@{K} {recall:.4}; hnswlib never reached it"),
+                },
+            ));
+        }
+        rounds.push(pairs);
+        answer = Some(peers);
     }
+    let answer = answer.context("no rounds were run")?;
+    let pairs = (0..rounds[0].len())
+        .map(|stage| {
+            let all: Vec<&Pair> = rounds.iter().map(|round| &round[stage]).collect();
+            let ratio = |pair: &Pair| pair.peer.map(|peer| pair.ours.median_us / peer.median_us);
+            // The round whose ratio is the median one speaks for the stage.
+            let mut order: Vec<&Pair> = all.clone();
+            order.sort_by(|a, b| {
+                let key = |p: &Pair| ratio(p).unwrap_or(f64::INFINITY);
+                key(a).total_cmp(&key(b))
+            });
+            Pair {
+                ratios: all.iter().filter_map(|pair| ratio(pair)).collect(),
+                ..order[order.len() / 2].clone()
+            }
+        })
+        .collect();
     let versions = answer
         .versions
         .iter()
@@ -510,7 +606,7 @@ pub fn bench_peers(config: &PeersConfig) -> Result<PeersReport> {
         .join(", ");
     Ok(PeersReport {
         pairs,
-        build_seconds: (our_build, answer.shard.build_seconds),
+        build_seconds: (shard_side.build_seconds, answer.shard.build_seconds),
         versions,
     })
 }
