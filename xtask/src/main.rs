@@ -263,16 +263,7 @@ fn referee_python() -> Result<PathBuf> {
     );
     run(Command::new("python3").args(["-m", "venv"]).arg(&venv))
         .context("creating the referee virtualenv")?;
-    run(Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .args(REFEREE_PACKAGES))
-    .context("pip install of the referee packages")?;
+    pip_install(&python, &REFEREE_PACKAGES).context("pip install of the referee packages")?;
     ensure!(
         ready(&python),
         "the referee packages do not import after installation"
@@ -697,6 +688,19 @@ fn bench(args: &[OsString]) -> Result<()> {
 /// for current Pythons, so pip builds it (about a minute, with the system's C++ compiler).
 const PEER_PACKAGES: [&str; 1] = ["hnswlib==0.8.0"];
 
+/// Installs `packages` with `python`'s pip.
+fn pip_install(python: &Path, packages: &[&str]) -> Result<()> {
+    run(Command::new(python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(packages))
+}
+
 /// The referee interpreter with the peer packages added.
 fn peers_python() -> Result<PathBuf> {
     let python = referee_python()?;
@@ -706,16 +710,7 @@ fn peers_python() -> Result<PathBuf> {
         .is_ok_and(|out| out.status.success());
     if !ready {
         eprintln!("xtask: installing the peers ({})", PEER_PACKAGES.join(", "));
-        run(Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .args(PEER_PACKAGES))
-        .context(
+        pip_install(&python, &PEER_PACKAGES).context(
             "pip install of the peer packages (hnswlib builds with the system's C++ compiler)",
         )?;
     }
