@@ -161,6 +161,8 @@ impl From<&PeerLatency> for Latency {
 #[derive(Deserialize)]
 struct PeerApplier {
     latency: PeerLatency,
+    /// The peer's cost of one call from Python that does (almost) no work.
+    call_floor_us: f64,
     max_abs_difference: f64,
 }
 
@@ -175,6 +177,7 @@ struct PeerSearch {
 struct PeerShard {
     build_seconds: f64,
     searches: Vec<PeerSearch>,
+    call_floor_us: f64,
 }
 
 #[derive(Deserialize)]
@@ -542,14 +545,20 @@ pub fn bench_peers(config: &PeersConfig) -> Result<PeersReport> {
             "trees: 1,000 x depth 6, 200 rows vs catboost".into(),
             ranker,
             Some(Latency::from(&peers.ranker.latency)),
-            format!("predictions within {:.1e}", peers.ranker.max_abs_difference),
+            format!(
+                "predictions within {:.1e}; timed 50 requests' rows per call / 50 (one call's floor: {:.0} us)",
+                peers.ranker.max_abs_difference, peers.ranker.call_floor_us
+            ),
         )];
         if let (Some(ours), Some(peer)) = (tower, &peers.tower) {
             pairs.push(pair(
                 "user tower, batch 1: tract vs onnxruntime".into(),
                 ours,
                 Some((&peer.latency).into()),
-                format!("embeddings within {:.1e}", peer.max_abs_difference),
+                format!(
+                    "embeddings within {:.1e}; includes the Python call's floor ({:.1} us)",
+                    peer.max_abs_difference, peer.call_floor_us
+                ),
             ));
         }
         for (ef, ours, recall) in shard {
@@ -571,8 +580,8 @@ pub fn bench_peers(config: &PeersConfig) -> Result<PeersReport> {
                 peer.map(|peer| (&peer.latency).into()),
                 match peer {
                     Some(peer) => format!(
-                        "recall@{K} {recall:.4}; hnswlib ef {} {:.4}",
-                        peer.ef, peer.recall
+                        "recall@{K} {recall:.4}; hnswlib ef {} {:.4} (call floor {:.1} us)",
+                        peer.ef, peer.recall, peers.shard.call_floor_us
                     ),
                     None => format!("recall@{K} {recall:.4}; hnswlib never reached it"),
                 },
