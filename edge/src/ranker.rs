@@ -342,13 +342,15 @@ impl CtrIndex {
     }
 }
 
-/// What an input column must hold.
+/// What an input column must hold, and the feature that reads it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum ColumnKind {
     /// No feature reads it.
     Unused,
-    Float,
-    Cat,
+    /// Float feature `.0`.
+    Float(usize),
+    /// Categorical feature `.0`.
+    Cat(usize),
 }
 
 impl ColumnKind {
@@ -356,8 +358,8 @@ impl ColumnKind {
         matches!(
             (self, value),
             (Self::Unused, _)
-                | (Self::Float, FeatureValue::Float(_))
-                | (Self::Cat, FeatureValue::Cat(_))
+                | (Self::Float(_), FeatureValue::Float(_))
+                | (Self::Cat(_), FeatureValue::Cat(_))
         )
     }
 }
@@ -542,11 +544,11 @@ impl RankerModel {
         }
         let width = columns.keys().next_back().map_or(0, |&last| last + 1);
         let mut column_kinds = vec![ColumnKind::Unused; width];
-        for feature in &float_features {
-            column_kinds[feature.flat_index] = ColumnKind::Float;
+        for (index, feature) in float_features.iter().enumerate() {
+            column_kinds[feature.flat_index] = ColumnKind::Float(index);
         }
-        for feature in &cat_features {
-            column_kinds[feature.flat_index] = ColumnKind::Cat;
+        for (index, feature) in cat_features.iter().enumerate() {
+            column_kinds[feature.flat_index] = ColumnKind::Cat(index);
         }
         let ctr_index: Vec<CtrIndex> = ctr_tables.iter().map(CtrIndex::of).collect();
         let ctr_bins = ctrs
@@ -802,39 +804,31 @@ impl RankerModel {
             });
         }
         let n = rows.len() / self.width;
-        let fits = |row: &[FeatureValue]| {
-            row.iter()
-                .zip(&self.column_kinds)
-                .all(|(&value, kind)| kind.admits(value))
-        };
-        if rows.chunks_exact(self.width).all(fits) {
+        let misfit = rows
+            .chunks_exact(self.width)
+            .enumerate()
+            .find_map(|(row, values)| {
+                values
+                    .iter()
+                    .zip(&self.column_kinds)
+                    .position(|(&value, kind)| !kind.admits(value))
+                    .map(|column| (row, column))
+            });
+        let Some((row, column)) = misfit else {
             return Ok(n);
-        }
-        // Only to name the first misfit: the check above is the one that runs per call.
-        for row in 0..n {
-            let row_values = &rows[row * self.width..(row + 1) * self.width];
-            for (index, feature) in self.float_features.iter().enumerate() {
-                if !matches!(row_values[feature.flat_index], FeatureValue::Float(_)) {
-                    return Err(Error::InvalidRankerInput {
-                        reason: format!(
-                            "row {row}, column {} (float feature {index} {:?}) holds a category",
-                            feature.flat_index, feature.name
-                        ),
-                    });
-                }
-            }
-            for (index, feature) in self.cat_features.iter().enumerate() {
-                if !matches!(row_values[feature.flat_index], FeatureValue::Cat(_)) {
-                    return Err(Error::InvalidRankerInput {
-                        reason: format!(
-                            "row {row}, column {} (categorical feature {index} {:?}) holds a number",
-                            feature.flat_index, feature.name
-                        ),
-                    });
-                }
-            }
-        }
-        Ok(n)
+        };
+        let reason = match self.column_kinds[column] {
+            ColumnKind::Float(index) => format!(
+                "row {row}, column {column} (float feature {index} {:?}) holds a category",
+                self.float_features[index].name
+            ),
+            ColumnKind::Cat(index) => format!(
+                "row {row}, column {column} (categorical feature {index} {:?}) holds a number",
+                self.cat_features[index].name
+            ),
+            ColumnKind::Unused => unreachable!("an unused column admits anything"),
+        };
+        Err(Error::InvalidRankerInput { reason })
     }
 
     fn float_at(&self, rows: &[FeatureValue], row: usize, feature: usize) -> f32 {

@@ -363,7 +363,6 @@ impl Shard {
             candidates,
             results,
             fresh,
-            fresh_scored,
         } = scratch;
         let epoch = *epoch;
         let start = Scored {
@@ -387,15 +386,16 @@ impl Shard {
                 let seen = &mut visited[neighbour as usize];
                 if *seen != epoch {
                     *seen = epoch;
-                    fresh.push(neighbour);
+                    fresh.push(Scored {
+                        score: f32::NAN,
+                        point: neighbour,
+                    });
                 }
             }
-            fresh_scored.clear();
-            fresh_scored.extend(fresh.iter().map(|&neighbour| Scored {
-                score: approx(neighbour),
-                point: neighbour,
-            }));
-            for &scored in fresh_scored.iter() {
+            for scored in fresh.iter_mut() {
+                scored.score = approx(scored.point);
+            }
+            for &scored in fresh.iter() {
                 if results.len() < ef || results.peek().is_some_and(|worst| scored > worst.0) {
                     candidates.push(scored);
                     results.push(Reverse(scored));
@@ -474,9 +474,8 @@ pub struct SearchScratch {
     epoch: u32,
     candidates: BinaryHeap<Scored>,
     results: BinaryHeap<Reverse<Scored>>,
-    /// One candidate's neighbours not seen before, and then their scores.
-    fresh: Vec<u32>,
-    fresh_scored: Vec<Scored>,
+    /// One candidate's neighbours not seen before, scored in a pass of their own.
+    fresh: Vec<Scored>,
 }
 
 impl SearchScratch {
