@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail, ensure};
 use edge::preprocess::Preprocessor;
 use edge::ranker::RankerScratch;
 use edge::shard::{SearchScratch, Shard};
-use edge::tower::{UserTower, UserTowerInput, UserTowerSpec};
+use edge::tower::{UserTower, UserTowerInput, UserTowerSpec, Viewer, encode_user};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
@@ -188,14 +188,9 @@ struct PeerAnswer {
     versions: serde_json::Map<String, serde_json::Value>,
 }
 
-fn write_f32(path: &Path, values: &[f32]) -> Result<()> {
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
-}
-
-fn write_i64(path: &Path, values: &[i64]) -> Result<()> {
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+/// Numbers' little-endian bytes, one after another (what numpy's `fromfile` reads).
+fn le_bytes<const N: usize>(values: impl IntoIterator<Item = [u8; N]>) -> Vec<u8> {
+    values.into_iter().flatten().collect()
 }
 
 fn timed(calls: usize, mut call: impl FnMut() -> Result<()>) -> Result<Latency> {
@@ -258,32 +253,40 @@ fn tower_side(
     let tower = UserTower::load(&onnx, spec.clone())?;
     std::fs::write(dir.join("user_tower.onnx"), &onnx)?;
 
+    // Random viewers and histories of known videos, encoded as serving encodes them.
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x70_77_65_72);
+    let pick = |rng: &mut ChaCha8Rng, rows: usize| rng.random_range(0..rows.max(1)) as u32;
+    let categories = preprocessor.categories.len() as u64;
+    let category_of = |video: u64| {
+        preprocessor
+            .categories
+            .value((video % categories) as u32)
+            .map(String::as_str)
+    };
     let h = spec.history_length;
-    let row = |rng: &mut ChaCha8Rng, rows: usize| rng.random_range(0..rows.max(1)) as i64;
     let inputs: Vec<UserTowerInput> = (0..config.queries)
         .map(|_| {
-            let length = rng.random_range(1..=h);
-            let mut input = UserTowerInput {
-                history_videos: vec![0; h],
-                history_categories: vec![0; h],
-                history_weights: vec![0.0; h],
-                country: row(&mut rng, preprocessor.countries.len()),
-                language: row(&mut rng, preprocessor.languages.len()),
-                age_bucket: row(&mut rng, edge::tower::age_bucket_rows(&preprocessor)),
-                user: row(&mut rng, preprocessor.user_ids.len()),
-                dense: [rng.random_range(-2.0..2.0)],
+            let viewer = Viewer {
+                user_id: (preprocessor.user_ids)
+                    .value(pick(&mut rng, preprocessor.user_ids.len()))
+                    .copied(),
+                country: (preprocessor.countries)
+                    .value(pick(&mut rng, preprocessor.countries.len()))
+                    .cloned(),
+                language: (preprocessor.languages)
+                    .value(pick(&mut rng, preprocessor.languages.len()))
+                    .cloned(),
+                age: Some(rng.random_range(13..80)),
             };
-            let mut weight = 1.0f32;
-            for slot in 0..length {
-                input.history_videos[slot] = row(&mut rng, preprocessor.video_ids.len());
-                input.history_categories[slot] = row(&mut rng, preprocessor.categories.len());
-                input.history_weights[slot] = weight;
-                weight *= spec.recency_decay;
-            }
-            let total: f32 = input.history_weights.iter().sum();
-            input.history_weights.iter_mut().for_each(|w| *w /= total);
-            input
+            let length = rng.random_range(1..=h);
+            let history: Vec<u64> = (0..length)
+                .filter_map(|_| {
+                    (preprocessor.video_ids)
+                        .value(pick(&mut rng, preprocessor.video_ids.len()))
+                        .copied()
+                })
+                .collect();
+            encode_user(&preprocessor, &spec, &viewer, &history, category_of)
         })
         .collect();
 
@@ -291,58 +294,59 @@ fn tower_side(
     for input in &inputs {
         embeddings.extend(tower.embed(std::slice::from_ref(input))?);
     }
-    write_f32(&dir.join("tower_ours.f32"), &embeddings)?;
+    std::fs::write(
+        dir.join("tower_ours.f32"),
+        le_bytes(embeddings.iter().map(|v| v.to_le_bytes())),
+    )?;
     let n = inputs.len();
     let mut tensors = serde_json::Map::new();
-    let mut int_tensor = |name: &str, shape: Vec<usize>, values: Vec<i64>| -> Result<()> {
-        let file = format!("tower_{name}.i64");
-        write_i64(&dir.join(&file), &values)?;
+    let mut tensor = |name: &str, dtype: &str, shape: &[usize], bytes: Vec<u8>| -> Result<()> {
+        let file = format!("tower_{name}.bin");
+        std::fs::write(dir.join(&file), bytes)?;
         tensors.insert(
             name.into(),
-            json!({"file": file, "dtype": "<i8", "shape": shape}),
+            json!({"file": file, "dtype": dtype, "shape": shape}),
         );
         Ok(())
     };
-    let flat = |f: &dyn Fn(&UserTowerInput) -> &[i64]| -> Vec<i64> {
-        inputs.iter().flat_map(|i| f(i).iter().copied()).collect()
+    let history = |f: fn(&UserTowerInput) -> &[i64]| {
+        le_bytes(inputs.iter().flat_map(f).map(|v| v.to_le_bytes()))
     };
-    int_tensor("history_videos", vec![n, h], flat(&|i| &i.history_videos))?;
-    int_tensor(
+    let scalar =
+        |f: fn(&UserTowerInput) -> i64| le_bytes(inputs.iter().map(|i| f(i).to_le_bytes()));
+    tensor(
+        "history_videos",
+        "<i8",
+        &[n, h],
+        history(|i| &i.history_videos),
+    )?;
+    tensor(
         "history_categories",
-        vec![n, h],
-        flat(&|i| &i.history_categories),
+        "<i8",
+        &[n, h],
+        history(|i| &i.history_categories),
     )?;
-    int_tensor(
-        "country",
-        vec![n],
-        inputs.iter().map(|i| i.country).collect(),
+    tensor(
+        "history_weights",
+        "<f4",
+        &[n, h],
+        le_bytes(
+            inputs
+                .iter()
+                .flat_map(|i| &i.history_weights)
+                .map(|w| w.to_le_bytes()),
+        ),
     )?;
-    int_tensor(
-        "language",
-        vec![n],
-        inputs.iter().map(|i| i.language).collect(),
+    tensor("country", "<i8", &[n], scalar(|i| i.country))?;
+    tensor("language", "<i8", &[n], scalar(|i| i.language))?;
+    tensor("age_bucket", "<i8", &[n], scalar(|i| i.age_bucket))?;
+    tensor("user", "<i8", &[n], scalar(|i| i.user))?;
+    tensor(
+        "dense",
+        "<f4",
+        &[n, 1],
+        le_bytes(inputs.iter().map(|i| i.dense[0].to_le_bytes())),
     )?;
-    int_tensor(
-        "age_bucket",
-        vec![n],
-        inputs.iter().map(|i| i.age_bucket).collect(),
-    )?;
-    int_tensor("user", vec![n], inputs.iter().map(|i| i.user).collect())?;
-    let weights: Vec<f32> = inputs
-        .iter()
-        .flat_map(|i| i.history_weights.iter().copied())
-        .collect();
-    write_f32(&dir.join("tower_history_weights.f32"), &weights)?;
-    tensors.insert(
-        "history_weights".into(),
-        json!({"file": "tower_history_weights.f32", "dtype": "<f4", "shape": [n, h]}),
-    );
-    let dense: Vec<f32> = inputs.iter().map(|i| i.dense[0]).collect();
-    write_f32(&dir.join("tower_dense.f32"), &dense)?;
-    tensors.insert(
-        "dense".into(),
-        json!({"file": "tower_dense.f32", "dtype": "<f4", "shape": [n, 1]}),
-    );
     let spec = json!({
         "model": "user_tower.onnx",
         "inputs": tensors,
@@ -421,14 +425,18 @@ fn shard_side(
                 .collect()
         })
         .collect();
-    write_f32(&dir.join("shard_vectors.f32"), vectors)?;
-    write_f32(&dir.join("shard_queries.f32"), query_vectors)?;
-    let exact_rows: Vec<u8> = exact
-        .iter()
-        .flatten()
-        .flat_map(|&row| (row as u32).to_le_bytes())
-        .collect();
-    std::fs::write(dir.join("shard_exact.u32"), exact_rows)?;
+    let floats = |values: &[f32]| le_bytes(values.iter().map(|v| v.to_le_bytes()));
+    std::fs::write(dir.join("shard_vectors.f32"), floats(vectors))?;
+    std::fs::write(dir.join("shard_queries.f32"), floats(query_vectors))?;
+    std::fs::write(
+        dir.join("shard_exact.u32"),
+        le_bytes(
+            exact
+                .iter()
+                .flatten()
+                .map(|&row| (row as u32).to_le_bytes()),
+        ),
+    )?;
     let spec = json!({
         "dim": dim,
         "vectors": "shard_vectors.f32",
