@@ -168,7 +168,7 @@ pub fn build_bundle(inputs: &BundleInputs<'_>) -> Result<(Vec<u8>, BuiltBundle),
         (SectionKind::UserTower, tower),
         (SectionKind::TowerSpec, spec.to_bytes()),
         // Opening validated the shard without changing its bytes.
-        (SectionKind::Shard, shard.into_bytes()),
+        (SectionKind::Shard, shard.into_current_bytes()),
         (SectionKind::Ranker, ranker_bytes),
         (SectionKind::Preprocessor, preprocessor_bytes),
         (SectionKind::Videos, catalog.to_bytes()),

@@ -15,8 +15,11 @@ use crate::{Channel, ContentRating, Error, Video};
 
 mod columns;
 
-/// The catalogue format version this build writes and reads.
-pub const CATALOG_FORMAT_VERSION: u32 = 2;
+/// The catalogue format version this build writes and reads (it also reads version 2,
+/// which lacks `popularity_order`, by sorting at load).
+pub const CATALOG_FORMAT_VERSION: u32 = 3;
+/// The oldest catalogue format this build still reads.
+const OLDEST_READ_VERSION: u32 = 2;
 
 /// A video's upload time when unknown (a sentinel keeps the column a plain `i64`).
 const UNKNOWN_TIME: i64 = i64::MIN;
@@ -67,6 +70,10 @@ pub struct Catalog {
     promoted: Vec<bool>,
     /// `(channel id, subscribers)`, sorted by id.
     channels: Vec<(u64, u64)>,
+    /// Every row, most viewed first, ties by id: stored so that a cold start reads it
+    /// instead of sorting the catalogue (absent from version 2, worked out at load).
+    #[serde(with = "columns", default)]
+    popularity_order: Vec<u32>,
 }
 
 /// One video of a [`Catalog`].
@@ -222,6 +229,7 @@ impl Catalog {
             region_values: Vec::new(),
             promoted: Vec::with_capacity(order.len()),
             channels: Vec::new(),
+            popularity_order: Vec::new(),
         };
         for video in order {
             catalog.ids.push(video.video_id);
@@ -261,7 +269,25 @@ impl Catalog {
             .collect();
         catalog.channels.sort_unstable();
         catalog.channels.dedup_by_key(|c| c.0);
+        catalog.popularity_order = catalog.sorted_by_popularity();
         Ok(catalog)
+    }
+
+    /// Rows by views, descending, ties by id (rows are in id order, so by row).
+    fn sorted_by_popularity(&self) -> Vec<u32> {
+        let mut order: Vec<(std::cmp::Reverse<u64>, u32)> = self
+            .view_count
+            .iter()
+            .enumerate()
+            .map(|(row, &views)| (std::cmp::Reverse(views), row as u32))
+            .collect();
+        order.sort_unstable();
+        order.into_iter().map(|(_, row)| row).collect()
+    }
+
+    /// Every row, most viewed first, ties by id.
+    pub fn popularity_order(&self) -> &[u32] {
+        &self.popularity_order
     }
 
     /// Videos in the catalogue.
@@ -327,7 +353,7 @@ impl Catalog {
         // The version is the map's first entry: read alone, so that a catalogue of another
         // version is named as such rather than as undecodable, without decoding it twice.
         if let Some(found) = leading_format_version(bytes)
-            && found != CATALOG_FORMAT_VERSION
+            && !(OLDEST_READ_VERSION..=CATALOG_FORMAT_VERSION).contains(&found)
         {
             return Err(Error::FormatVersion {
                 artifact: "videos section",
@@ -335,9 +361,22 @@ impl Catalog {
                 expected: CATALOG_FORMAT_VERSION,
             });
         }
-        let catalog: Self =
+        let mut catalog: Self =
             rmp_serde::from_slice(bytes).map_err(|e| invalid(format!("cannot decode: {e}")))?;
+        if catalog.format_version < CATALOG_FORMAT_VERSION {
+            if !catalog.popularity_order.is_empty() {
+                return Err(invalid(format!(
+                    "version {} has no column `popularity_order`",
+                    catalog.format_version
+                )));
+            }
+            catalog.check()?;
+            catalog.popularity_order = catalog.sorted_by_popularity();
+            catalog.format_version = CATALOG_FORMAT_VERSION;
+            return Ok(catalog);
+        }
         catalog.check()?;
+        catalog.check_popularity_order()?;
         Ok(catalog)
     }
 
@@ -424,6 +463,35 @@ impl Catalog {
         }
         if self.channels.windows(2).any(|w| w[0].0 >= w[1].0) {
             return Err(invalid("column `channels` is not strictly ascending by id"));
+        }
+        Ok(())
+    }
+
+    /// One pass: every entry a row, and (views descending, row ascending) strictly
+    /// increasing along the column, which also makes it a permutation of the rows.
+    fn check_popularity_order(&self) -> Result<(), Error> {
+        let order = &self.popularity_order;
+        if order.len() != self.ids.len() {
+            return Err(invalid(format!(
+                "column `popularity_order` has {} rows, `ids` has {}",
+                order.len(),
+                self.ids.len()
+            )));
+        }
+        let mut previous: Option<(std::cmp::Reverse<u64>, u32)> = None;
+        for (rank, &row) in order.iter().enumerate() {
+            let Some(&views) = self.view_count.get(row as usize) else {
+                return Err(invalid(format!(
+                    "column `popularity_order`, entry {rank}: row {row} is past the end"
+                )));
+            };
+            let key = (std::cmp::Reverse(views), row);
+            if previous.is_some_and(|previous| previous >= key) {
+                return Err(invalid(format!(
+                    "column `popularity_order`, entry {rank}: row {row} is out of order (views descending, then id)"
+                )));
+            }
+            previous = Some(key);
         }
         Ok(())
     }

@@ -407,8 +407,8 @@ impl Recommender {
         rules: BusinessRules,
         experiments: Experiments,
     ) -> Self {
-        // Every cold start runs this over the whole catalogue: linear passes and one
-        // sort of plain keys, no per-video lookups or allocations.
+        // Every cold start runs this over the whole catalogue: linear passes, no sort, no
+        // per-video lookups or allocations.
         // Catalogue row of each shard position: both sides are sorted by id, so one merge.
         let mut row_of_position = vec![None; shard.len()];
         let mut shard_position_of_row = vec![NOT_IN_SHARD; catalog.len()];
@@ -430,19 +430,7 @@ impl Recommender {
                 .filter_map(|(position, row)| Some((position as u32, (*row)?))),
         );
 
-        // Video ids are unique, so the unstable sort orders exactly as a stable one would.
-        let mut by_views: Vec<(std::cmp::Reverse<u64>, u64, u32)> = catalog
-            .iter()
-            .map(|video| {
-                (
-                    std::cmp::Reverse(video.view_count()),
-                    video.video_id(),
-                    video.row() as u32,
-                )
-            })
-            .collect();
-        by_views.sort_unstable();
-        let popular_rows: Vec<u32> = by_views.into_iter().map(|(_, _, row)| row).collect();
+        let popular_rows = catalog.popularity_order().to_vec();
         let mut popularity_rank = vec![0; popular_rows.len()];
         for (rank, &row) in popular_rows.iter().enumerate() {
             popularity_rank[row as usize] = rank as u32;

@@ -20,7 +20,7 @@
 //! # Ok::<(), edge::Error>(())
 //! ```
 //!
-//! # Format (version 1, little-endian)
+//! # Format (version 2, little-endian)
 //!
 //! | bytes | content |
 //! | --- | --- |
@@ -32,14 +32,24 @@
 //! | 24..28 | entry point, u32 (a point of layer `L - 1`) |
 //! | 28..32 | default `ef` for searches, u32 (0: [`DEFAULT_EF`]) |
 //! | 32..40, 40..48, 48..56, 56..64 | offsets of the id, scale, vector and layer-table sections, u64 |
+//! | 64..72, 72..80 | offsets of the id-order and list-offset sections, u64 |
 //! | ids | `n` video ids, u64 |
 //! | scales | `n` quantization scales, f32 (finite, >= 0) |
 //! | vectors | `n * dim` components, i8: a vector is `scale * v` |
+//! | id order | `n` positions, u32, in ascending order of their video ids |
+//! | list offsets | `n + 1` u32: point `i`'s layer-0 list is bytes `o[i]..o[i + 1]` of the layer-0 blob |
 //! | layer table | `L` entries of 20 bytes: member count u32, blob offset u64, blob length u64 |
 //! | layer blobs | one per layer, see below |
 //! | last 8 bytes | xxh3-64 of everything before them |
 //!
 //! Sections follow each other in this order and lie between the header and the checksum.
+//! Version 1 is the same without the id-order and list-offset sections (a 64-byte header);
+//! it is still read, by working both out at load.
+//!
+//! The two derived sections are what a cold start would otherwise spend most of its time
+//! on: sorting 100,000 ids and walking every layer-0 list to find where each starts (in
+//! wasm, 19% and 24% of a 100,000-video bundle's load). Reading them instead costs one
+//! linear pass each.
 //!
 //! A neighbour list is the degree, then the neighbours in ascending order: the first as the
 //! zigzag-encoded difference from the list's own point, each next one as the gap from the
@@ -53,9 +63,10 @@
 //! A query of f32 scores `scale_i * sum_j q_j * v_ij` (inner product): larger is closer.
 //!
 //! Size at dim 64 and M 16 (hnsw_rs graphs of clustered embeddings, measured with
-//! `control-plane`'s `shard_build`): 111 bytes per video at 20,000 videos, 122 at 100,000,
-//! everything included: 8 id, 4 scale, 64 vector, and 35-46 of graph for a mean
-//! layer-0 degree of 24-26 (a plain u32 CSR would take about 110).
+//! `control-plane`'s `shard_build`): 119 bytes per video at 20,000 videos, 130 at 100,000,
+//! everything included: 8 id, 4 scale, 64 vector, 8 of id order and list offset, and
+//! 35-46 of graph for a mean layer-0 degree of 24-26 (a plain u32 CSR would take about
+//! 110).
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
@@ -73,7 +84,7 @@ pub use writer::{LayerLists, ShardGraph, ShardWriter};
 /// The first eight bytes of every shard.
 pub const SHARD_MAGIC: [u8; 8] = *b"EDGESHRD";
 /// The format version this build writes and reads.
-pub const SHARD_FORMAT_VERSION: u32 = 1;
+pub const SHARD_FORMAT_VERSION: u32 = 2;
 /// The beam width used when neither the shard nor the query names one.
 pub const DEFAULT_EF: usize = 128;
 /// Offset of the default beam width in the header.
@@ -81,7 +92,8 @@ const SEARCH_EF_AT: usize = 28;
 /// The largest point count: list heads are stored as an i32 difference between two points.
 pub const MAX_POINTS: usize = i32::MAX as usize;
 
-const HEADER_LEN: usize = 64;
+const HEADER_LEN: usize = 80;
+const V1_HEADER_LEN: usize = 64;
 const LAYER_ENTRY_LEN: usize = 20;
 const TRAILER_LEN: usize = 8;
 /// Far more than any real graph (hnsw_rs stops at 16); bounds the layer table before it is read.
@@ -133,22 +145,26 @@ impl UpperLayer {
 
 impl Shard {
     /// Checks `bytes` completely (magic, version, checksum, every size, offset, neighbour
-    /// id and the entry point) and keeps them for searching.
+    /// id, the id order and the entry point) and keeps them for searching.
     pub fn open(bytes: impl Into<Bytes>) -> Result<Self, Error> {
-        Self::open_with(bytes.into(), Checksum::Verify)
+        Self::open_with(bytes.into(), Checks::Full)
     }
 
     /// [`Shard::open`] for bytes whose integrity the caller has just checked (a bundle's
-    /// section, under the bundle's own hash): everything but the checksum is checked as
-    /// before, so malformed bytes are still refused; hashing the same megabytes twice is
-    /// what this skips. The trailer is not read, so [`Shard::into_bytes`] returns it as
-    /// given.
+    /// section, under the bundle's own hash, and `bundle build` opened it with
+    /// [`Shard::open`] before hashing it). It skips what only damage to checked bytes could
+    /// fail: the checksum and, in version 2, the walk of every layer-0 list against its
+    /// stored offset (the cold start's largest cost). The header, every section's bounds,
+    /// the id order, the list offsets and the upper layers are still checked, so
+    /// malformed bytes are still refused, and the search skips any neighbour past the end,
+    /// so even bytes built to pass these checks cannot make it panic. The trailer is not
+    /// read, so [`Shard::into_bytes`] returns it as given.
     pub fn open_verified(bytes: Bytes) -> Result<Self, Error> {
-        Self::open_with(bytes, Checksum::Trust)
+        Self::open_with(bytes, Checks::IntegrityTrusted)
     }
 
-    fn open_with(bytes: Bytes, checksum: Checksum) -> Result<Self, Error> {
-        let parsed = Parsed::new(&bytes, checksum)?;
+    fn open_with(bytes: Bytes, checks: Checks) -> Result<Self, Error> {
+        let parsed = Parsed::new(&bytes, checks)?;
         Ok(Self {
             bytes,
             dim: parsed.dim,
@@ -227,6 +243,43 @@ impl Shard {
     /// The shard's bytes, as `Shard::open` accepts them.
     pub fn into_bytes(self) -> Vec<u8> {
         self.bytes.into()
+    }
+
+    /// The format version of the bytes this shard was opened from.
+    pub fn format_version(&self) -> u32 {
+        u32_at(&self.bytes, 8).unwrap_or_default()
+    }
+
+    /// The shard's bytes in the current format: as opened if they are, else re-encoded
+    /// (same points, vectors, graph and settings), so that a shard written by an older
+    /// release is upgraded once, when a bundle is built, rather than at every cold start.
+    pub fn into_current_bytes(self) -> Vec<u8> {
+        if self.format_version() == SHARD_FORMAT_VERSION {
+            return self.into_bytes();
+        }
+        let base: LayerLists = (0..self.len() as u32)
+            .map(|point| (point, self.base_neighbours(point).collect()))
+            .collect();
+        let mut layers = vec![base];
+        for layer in &self.upper {
+            layers.push(
+                layer
+                    .members
+                    .iter()
+                    .map(|&member| (member, layer.neighbours_of(member).to_vec()))
+                    .collect(),
+            );
+        }
+        let search_ef = u32_at(&self.bytes, SEARCH_EF_AT).unwrap_or_default();
+        writer::encode(&writer::Parts {
+            dim: self.dim,
+            ids: self.ids.clone(),
+            scales: self.scales.clone(),
+            quantized: self.bytes[self.vectors.clone()].to_vec(),
+            layers,
+            entry_point: self.entry_point,
+            search_ef,
+        })
     }
 
     /// The dequantized vector of the video at storage position `position`, or `None` past
@@ -356,6 +409,7 @@ impl Shard {
 
         let k = k.min(self.len());
         let ef = ef.max(k).max(1);
+        let count = self.len() as u32;
         scratch.begin(self.len());
         let SearchScratch {
             visited,
@@ -383,6 +437,11 @@ impl Shard {
             // waiting for each other.
             fresh.clear();
             for neighbour in self.base_neighbours(candidate.point) {
+                // Never true for checked lists (`Shard::open_verified` does not walk them);
+                // one predictable compare keeps any bytes from indexing past the end.
+                if neighbour >= count {
+                    continue;
+                }
                 let seen = &mut visited[neighbour as usize];
                 if *seen != epoch {
                     *seen = epoch;
@@ -767,11 +826,12 @@ fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(bytes.get(at..end)?.try_into().ok()?))
 }
 
-/// Whether [`Parsed::new`] hashes the bytes against their trailer.
+/// What [`Parsed::new`] checks: everything, or (for bytes whose integrity the caller
+/// vouches for) neither the checksum nor the layer-0 lists against their stored offsets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Checksum {
-    Verify,
-    Trust,
+enum Checks {
+    Full,
+    IntegrityTrusted,
 }
 
 /// Everything `Shard` keeps, decoded and checked, borrowing nothing so the bytes can move in.
@@ -819,13 +879,16 @@ impl Sections {
 }
 
 impl Parsed {
-    fn new(bytes: &[u8], checksum: Checksum) -> Result<Self, Error> {
-        if bytes.len() < HEADER_LEN + TRAILER_LEN {
-            return Err(invalid(format!(
+    fn new(bytes: &[u8], checks: Checks) -> Result<Self, Error> {
+        let too_short = |header_len: usize| {
+            invalid(format!(
                 "{} bytes is too short for a shard (header and checksum alone take {})",
                 bytes.len(),
-                HEADER_LEN + TRAILER_LEN
-            )));
+                header_len + TRAILER_LEN
+            ))
+        };
+        if bytes.len() < V1_HEADER_LEN + TRAILER_LEN {
+            return Err(too_short(V1_HEADER_LEN));
         }
         if bytes[..8] != SHARD_MAGIC {
             return Err(invalid("wrong magic bytes: not an edgerec shard"));
@@ -833,15 +896,22 @@ impl Parsed {
         let header = |at: usize| u32_at(bytes, at).unwrap_or_default();
         let header64 = |at: usize| u64_at(bytes, at).unwrap_or_default();
         let version = header(8);
-        if version != SHARD_FORMAT_VERSION {
-            return Err(Error::FormatVersion {
-                artifact: "shard",
-                found: version,
-                expected: SHARD_FORMAT_VERSION,
-            });
+        let header_len = match version {
+            1 => V1_HEADER_LEN,
+            SHARD_FORMAT_VERSION => HEADER_LEN,
+            _ => {
+                return Err(Error::FormatVersion {
+                    artifact: "shard",
+                    found: version,
+                    expected: SHARD_FORMAT_VERSION,
+                });
+            }
+        };
+        if bytes.len() < header_len + TRAILER_LEN {
+            return Err(too_short(header_len));
         }
         let body_len = bytes.len() - TRAILER_LEN;
-        if checksum == Checksum::Verify {
+        if checks == Checks::Full {
             let stored = u64_at(bytes, body_len).unwrap_or_default();
             let computed = xxh3_64(&bytes[..body_len]);
             if stored != computed {
@@ -885,7 +955,7 @@ impl Parsed {
         };
         let mut sections = Sections {
             body_len,
-            next_start: HEADER_LEN,
+            next_start: header_len,
         };
         let ids_range = sections.take("id section", header64(32), size("id section", count, 8)?)?;
         let scales_range = sections.take(
@@ -898,6 +968,21 @@ impl Parsed {
             header64(48),
             size("vector section", count, dim)?,
         )?;
+        let derived = if version == 1 {
+            None
+        } else {
+            let order = sections.take(
+                "id-order section",
+                header64(64),
+                size("id-order section", count, 4)?,
+            )?;
+            let offsets = sections.take(
+                "list-offset section",
+                header64(72),
+                size("list-offset section", count + 1, 4)?,
+            )?;
+            Some((order, offsets))
+        };
         let table = sections.take(
             "layer table",
             header64(56),
@@ -908,15 +993,10 @@ impl Parsed {
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
             .collect();
-        let mut by_id: Vec<(u64, u32)> = ids
-            .iter()
-            .enumerate()
-            .map(|(position, &id)| (id, position as u32))
-            .collect();
-        by_id.sort_unstable();
-        if let Some(pair) = by_id.windows(2).find(|pair| pair[0].0 == pair[1].0) {
-            return Err(invalid(format!("video id {} appears twice", pair[0].0)));
-        }
+        let by_id = match &derived {
+            Some((order, _)) => read_id_order(&bytes[order.clone()], &ids)?,
+            None => sort_by_id(&ids)?,
+        };
         let scales: Vec<f32> = bytes[scales_range]
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap_or_default()))
@@ -952,7 +1032,19 @@ impl Parsed {
                 "layer 0 has {base_members} members, expected every one of the {count} points"
             )));
         }
-        let base_offsets = parse_base(&bytes[base.clone()], count)?;
+        let blob = &bytes[base.clone()];
+        let base_offsets = match &derived {
+            None => parse_base(blob, count)?,
+            Some((_, offsets)) => {
+                let stored = read_list_offsets(&bytes[offsets.clone()], blob.len())?;
+                if checks == Checks::Full && parse_base(blob, count)? != stored {
+                    return Err(invalid(
+                        "the list-offset section does not match the layer-0 lists",
+                    ));
+                }
+                stored
+            }
+        };
 
         let mut upper: Vec<UpperLayer> = Vec::with_capacity(layer_count - 1);
         for (index, (members, range)) in blobs.iter().enumerate().skip(1) {
@@ -1028,6 +1120,69 @@ fn parse_list(
         previous = Some(neighbour);
     }
     Ok(())
+}
+
+/// Version 1's id index: `(id, position)` sorted, and refused if an id repeats.
+fn sort_by_id(ids: &[u64]) -> Result<Vec<(u64, u32)>, Error> {
+    let mut by_id: Vec<(u64, u32)> = ids
+        .iter()
+        .enumerate()
+        .map(|(position, &id)| (id, position as u32))
+        .collect();
+    by_id.sort_unstable();
+    if let Some(pair) = by_id.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+        return Err(invalid(format!("video id {} appears twice", pair[0].0)));
+    }
+    Ok(by_id)
+}
+
+/// The stored id order, checked in one pass: every position in range and the ids strictly
+/// ascending along it, which also proves it a permutation with no id twice.
+fn read_id_order(section: &[u8], ids: &[u64]) -> Result<Vec<(u64, u32)>, Error> {
+    let mut by_id = Vec::with_capacity(ids.len());
+    let mut previous: Option<u64> = None;
+    for (rank, chunk) in section.chunks_exact(4).enumerate() {
+        let position = u32::from_le_bytes(chunk.try_into().unwrap_or_default());
+        let Some(&id) = ids.get(position as usize) else {
+            return Err(invalid(format!(
+                "id order entry {rank} names position {position}, past the {} points",
+                ids.len()
+            )));
+        };
+        if let Some(previous) = previous.filter(|&previous| previous >= id) {
+            return Err(invalid(if previous == id {
+                format!("video id {id} appears twice")
+            } else {
+                format!(
+                    "id order entry {rank} (video id {id}) is below the one before it ({previous})"
+                )
+            }));
+        }
+        previous = Some(id);
+        by_id.push((id, position));
+    }
+    Ok(by_id)
+}
+
+/// The stored layer-0 list offsets, checked to start at 0, never decrease, leave room for
+/// each list's degree byte and end at the blob's end.
+fn read_list_offsets(section: &[u8], blob_len: usize) -> Result<Vec<u32>, Error> {
+    let offsets: Vec<u32> = section
+        .chunks_exact(4)
+        .map(|chunk| u32::from_le_bytes(chunk.try_into().unwrap_or_default()))
+        .collect();
+    if offsets.first() != Some(&0) || offsets.last().map(|&end| end as usize) != Some(blob_len) {
+        return Err(invalid(format!(
+            "list offsets must run from 0 to the layer-0 length {blob_len}"
+        )));
+    }
+    if let Some(point) = offsets.windows(2).position(|pair| pair[1] <= pair[0]) {
+        return Err(invalid(format!(
+            "list offsets of points {point} and {} do not ascend",
+            point + 1
+        )));
+    }
+    Ok(offsets)
 }
 
 fn parse_base(blob: &[u8], count: usize) -> Result<Vec<u32>, Error> {

@@ -184,3 +184,46 @@ fn duplicates_and_broken_columns_are_refused_with_the_column_named() {
         assert!(Catalog::from_bytes(&bytes[..cut]).is_err(), "cut {cut}");
     }
 }
+
+#[test]
+fn the_popularity_order_is_stored_checked_and_worked_out_for_version_2() {
+    let (mut videos, _) = sample();
+    // A tie on views, broken by id.
+    videos[3].view_count = videos[0].view_count;
+    let catalog = Catalog::build(&videos, &[], &[]).unwrap();
+    let ranked: Vec<u64> = catalog
+        .popularity_order()
+        .iter()
+        .map(|&row| catalog.at(row as usize).unwrap().video_id())
+        .collect();
+    assert_eq!(ranked, [7, 9, 5, 4], "views 1009 (ids 7, 9), 1005, 1004");
+    let reread = Catalog::from_bytes(&catalog.to_bytes()).unwrap();
+    assert_eq!(reread.popularity_order(), catalog.popularity_order());
+
+    let mut version_2 = catalog.clone();
+    version_2.format_version = 2;
+    version_2.popularity_order.clear();
+    let upgraded = Catalog::from_bytes(&version_2.to_bytes()).unwrap();
+    assert_eq!(upgraded, catalog, "version 2 loads as version 3 would");
+
+    let refused = |broken: Catalog| {
+        Catalog::from_bytes(&broken.to_bytes())
+            .unwrap_err()
+            .to_string()
+    };
+    let mut swapped = catalog.clone();
+    swapped.popularity_order.swap(0, 1);
+    assert!(refused(swapped).contains("out of order"));
+    let mut repeated = catalog.clone();
+    repeated.popularity_order[1] = repeated.popularity_order[0];
+    assert!(refused(repeated).contains("out of order"));
+    let mut past_end = catalog.clone();
+    past_end.popularity_order[3] = 4;
+    assert!(refused(past_end).contains("past the end"));
+    let mut short = catalog.clone();
+    short.popularity_order.pop();
+    assert!(refused(short).contains("has 3 rows"));
+    let mut stale = catalog.clone();
+    stale.format_version = 2;
+    assert!(refused(stale).contains("version 2 has no column"));
+}

@@ -1,4 +1,4 @@
-use super::writer::{Parts, encode, seal};
+use super::writer::{Parts, encode, encode_version, seal};
 use super::*;
 
 /// xorshift64*: tests need reproducible data, and `edge` takes no RNG dependency.
@@ -396,14 +396,14 @@ fn wrong_magic_and_version_are_named() {
     wrong_magic[0] = b'X';
     assert!(invalid_reason(Shard::open(wrong_magic)).contains("magic"));
     let mut wrong_version = bytes;
-    wrong_version[8..12].copy_from_slice(&2_u32.to_le_bytes());
+    wrong_version[8..12].copy_from_slice(&3_u32.to_le_bytes());
     reseal(&mut wrong_version);
     assert!(matches!(
         Shard::open(wrong_version),
         Err(Error::FormatVersion {
             artifact: "shard",
-            found: 2,
-            expected: 1
+            found: 3,
+            expected: 2
         })
     ));
 }
@@ -493,6 +493,18 @@ fn resealed_header_corruptions_are_errors() {
             1_000_000_u64.to_le_bytes().to_vec(),
             "layer table",
         ),
+        (
+            "id order offset huge",
+            64,
+            u64::MAX.to_le_bytes().to_vec(),
+            "id-order section",
+        ),
+        (
+            "list offsets offset in the vectors",
+            72,
+            300_u64.to_le_bytes().to_vec(),
+            "overlaps",
+        ),
     ];
     for (name, at, value, needle) in cases {
         let reason = invalid_reason(patch(at, &value));
@@ -558,6 +570,99 @@ fn resealed_random_damage_never_panics() {
         }
     }
     assert!(accepted < 3000, "some damage must be detected");
+}
+
+/// What `open_verified` does not check (the layer-0 lists, the checksum) can hold any
+/// bytes: searches on what it accepts must still not panic.
+#[test]
+fn damaged_lists_under_open_verified_never_panic() {
+    let bytes = write(&fixture(120, 8, 16));
+    let list_offsets = u64_at(&bytes, 72).unwrap() as usize;
+    let table = u64_at(&bytes, 56).unwrap() as usize;
+    let base_start = u64_at(&bytes, table + 4).unwrap() as usize;
+    let base_len = u64_at(&bytes, table + 12).unwrap() as usize;
+    let mut rng = Rng(0xda7a);
+    let mut refused_by_open = 0;
+    for _ in 0..2000 {
+        let mut damaged = bytes.clone();
+        for _ in 0..1 + rng.below(8) {
+            damaged[base_start + rng.below(base_len)] = rng.next_u64() as u8;
+        }
+        reseal(&mut damaged);
+        if Shard::open(damaged.clone()).is_err() {
+            refused_by_open += 1;
+        }
+        let shard = Shard::open_verified(damaged.into()).expect("offsets and header intact");
+        for query in [vec![0.5; 8], vec![-1.0; 8]] {
+            let hits = shard.nns(10).ef(40).search(&query).unwrap();
+            assert!(hits.len() <= 10);
+        }
+    }
+    assert!(
+        refused_by_open > 1000,
+        "open walks the lists: {refused_by_open}"
+    );
+
+    let point = 7;
+    let offsets_of = |bytes: &[u8], at: usize| u32_at(bytes, list_offsets + 4 * at).unwrap();
+    let mut unordered = bytes.clone();
+    let next = offsets_of(&bytes, point + 1);
+    unordered[list_offsets + 4 * point..][..4].copy_from_slice(&(next + 1).to_le_bytes());
+    assert!(invalid_reason(Shard::open_verified(unordered.into())).contains("ascend"));
+    let mut short = bytes.clone();
+    let end = list_offsets + 4 * 120;
+    short[end..end + 4].copy_from_slice(&(offsets_of(&bytes, 120) - 1).to_le_bytes());
+    assert!(invalid_reason(Shard::open_verified(short.into())).contains("layer-0 length"));
+}
+
+/// The stored id order is checked in full by both openings.
+#[test]
+fn a_wrong_id_order_is_an_error() {
+    let bytes = write(&fixture(50, 4, 17));
+    let order = u64_at(&bytes, 64).unwrap() as usize;
+    let entry = |bytes: &[u8], rank: usize| u32_at(bytes, order + 4 * rank).unwrap();
+    let mut swapped = bytes.clone();
+    let (first, second) = (entry(&bytes, 3), entry(&bytes, 4));
+    swapped[order + 12..order + 16].copy_from_slice(&second.to_le_bytes());
+    swapped[order + 16..order + 20].copy_from_slice(&first.to_le_bytes());
+    assert!(invalid_reason(Shard::open_verified(swapped.into())).contains("below the one before"));
+    let mut repeated = bytes.clone();
+    repeated[order + 16..order + 20].copy_from_slice(&first.to_le_bytes());
+    assert!(invalid_reason(Shard::open_verified(repeated.into())).contains("appears twice"));
+    let mut past_end = bytes;
+    past_end[order..order + 4].copy_from_slice(&50_u32.to_le_bytes());
+    reseal(&mut past_end);
+    assert!(invalid_reason(Shard::open(past_end)).contains("past the 50 points"));
+}
+
+/// Version 1 (no stored id order or list offsets) still opens, searches the same, and is
+/// upgraded to the current bytes by `into_current_bytes`.
+#[test]
+fn version_1_shards_open_and_upgrade() {
+    let parts = parts();
+    let old = encode_version(&parts, 1);
+    let current = encode(&parts);
+    assert!(old.len() < current.len());
+    let old_shard = Shard::open(old.clone()).unwrap();
+    assert_eq!(old_shard.format_version(), 1);
+    let verified = Shard::open_verified(old.into()).unwrap();
+    let new_shard = Shard::open(current.clone()).unwrap();
+    assert_eq!(old_shard.positions_by_id(), new_shard.positions_by_id());
+    for query in [[1.0, 0.0], [-0.3, 0.7]] {
+        let expected = new_shard.nns(6).ef(12).search(&query).unwrap();
+        assert_eq!(old_shard.nns(6).ef(12).search(&query).unwrap(), expected);
+        assert_eq!(verified.nns(6).ef(12).search(&query).unwrap(), expected);
+    }
+    assert_eq!(old_shard.into_current_bytes(), current);
+    assert_eq!(
+        new_shard.into_current_bytes(),
+        current,
+        "already current: unchanged"
+    );
+
+    let f = fixture(200, 6, 18);
+    let shard = Shard::open(write(&f)).unwrap();
+    assert_eq!(shard.format_version(), SHARD_FORMAT_VERSION);
 }
 
 /// Sound parts for one small graph, to break one thing at a time.

@@ -4,7 +4,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::{
     HEADER_LEN, LAYER_ENTRY_LEN, MAX_LAYERS, MAX_POINTS, SHARD_FORMAT_VERSION, SHARD_MAGIC,
-    put_list, put_varint,
+    V1_HEADER_LEN, put_list, put_varint,
 };
 use crate::Error;
 
@@ -347,9 +347,16 @@ pub(super) struct Parts {
     pub(super) search_ef: u32,
 }
 
-/// Lays out `parts` without checking them, so that tests can make shards whose only flaw
-/// is the one under test.
+/// Lays out `parts` in the current format without checking them, so that tests can make
+/// shards whose only flaw is the one under test.
 pub(super) fn encode(parts: &Parts) -> Vec<u8> {
+    encode_version(parts, SHARD_FORMAT_VERSION)
+}
+
+/// [`encode`] in format `version` (1 or 2), so that tests can check older shards still
+/// open.
+pub(super) fn encode_version(parts: &Parts, version: u32) -> Vec<u8> {
+    let mut list_offsets = Vec::new();
     let blobs: Vec<Vec<u8>> = parts
         .layers
         .iter()
@@ -364,24 +371,47 @@ pub(super) fn encode(parts: &Parts) -> Vec<u8> {
                         Some(previous) => point.wrapping_sub(previous).wrapping_sub(1),
                     };
                     put_varint(&mut blob, gap);
+                } else {
+                    list_offsets.push(blob.len() as u32);
                 }
                 put_list(&mut blob, *point, neighbours);
                 previous = Some(*point);
             }
+            if index == 0 {
+                list_offsets.push(blob.len() as u32);
+            }
             blob
         })
         .collect();
+    // One offset per point and the end, whatever layer 0 holds, so that a test's flawed
+    // layer 0 meets the check meant for it rather than a misplaced section.
+    let end = list_offsets.last().copied().unwrap_or_default();
+    list_offsets.resize(parts.ids.len() + 1, end);
+    let mut id_order: Vec<u32> = (0..parts.ids.len() as u32).collect();
+    id_order.sort_unstable_by_key(|&position| parts.ids[position as usize]);
+    let derived_sections = version >= 2;
 
-    let ids_offset = HEADER_LEN;
+    let header_len = if derived_sections {
+        HEADER_LEN
+    } else {
+        V1_HEADER_LEN
+    };
+    let ids_offset = header_len;
     let scales_offset = ids_offset + parts.ids.len() * 8;
     let vectors_offset = scales_offset + parts.scales.len() * 4;
-    let table_offset = vectors_offset + parts.quantized.len();
+    let order_offset = vectors_offset + parts.quantized.len();
+    let list_offsets_offset = order_offset + id_order.len() * 4;
+    let table_offset = if derived_sections {
+        list_offsets_offset + list_offsets.len() * 4
+    } else {
+        vectors_offset + parts.quantized.len()
+    };
     let mut blob_offset = table_offset + parts.layers.len() * LAYER_ENTRY_LEN;
 
     let mut out = Vec::with_capacity(blob_offset + blobs.iter().map(Vec::len).sum::<usize>() + 8);
     out.extend_from_slice(&SHARD_MAGIC);
     for value in [
-        SHARD_FORMAT_VERSION,
+        version,
         parts.dim as u32,
         parts.ids.len() as u32,
         parts.layers.len() as u32,
@@ -393,7 +423,12 @@ pub(super) fn encode(parts: &Parts) -> Vec<u8> {
     for offset in [ids_offset, scales_offset, vectors_offset, table_offset] {
         out.extend_from_slice(&(offset as u64).to_le_bytes());
     }
-    debug_assert_eq!(out.len(), HEADER_LEN);
+    if derived_sections {
+        for offset in [order_offset, list_offsets_offset] {
+            out.extend_from_slice(&(offset as u64).to_le_bytes());
+        }
+    }
+    debug_assert_eq!(out.len(), header_len);
     for id in &parts.ids {
         out.extend_from_slice(&id.to_le_bytes());
     }
@@ -401,6 +436,11 @@ pub(super) fn encode(parts: &Parts) -> Vec<u8> {
         out.extend_from_slice(&scale.to_le_bytes());
     }
     out.extend_from_slice(&parts.quantized);
+    if derived_sections {
+        for value in id_order.iter().chain(&list_offsets) {
+            out.extend_from_slice(&value.to_le_bytes());
+        }
+    }
     for (layer, blob) in parts.layers.iter().zip(&blobs) {
         out.extend_from_slice(&(layer.len() as u32).to_le_bytes());
         out.extend_from_slice(&(blob_offset as u64).to_le_bytes());
