@@ -604,7 +604,12 @@ fn bench(args: &[OsString]) -> Result<()> {
     let bundles = dir.join("bundles");
     let config = dir.join("edgerec.toml");
     let data = dir.join("data");
-    let trained = || data.join("split").join("ranker").join("ranker.json").exists();
+    let trained = || {
+        data.join("split")
+            .join("ranker")
+            .join("ranker.json")
+            .exists()
+    };
     if rebuild || !trained() {
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
