@@ -34,6 +34,9 @@ pub struct BundleInputs<'a> {
     pub lineage: Vec<(String, String)>,
     /// The model version; derived from the time and the sections' hashes when `None`.
     pub model_version: Option<String>,
+    /// A default beam width for the shard instead of the one it records (its
+    /// calibration); recorded in the lineage when set.
+    pub shard_ef: Option<usize>,
 }
 
 /// What was built.
@@ -107,7 +110,10 @@ pub fn build_bundle(inputs: &BundleInputs<'_>) -> Result<(Vec<u8>, BuiltBundle),
     let ranker_bytes = read(inputs.ranker, "written by `control-plane train ranker`")?;
 
     // Every part loads as the edge will load it, and the parts agree with each other.
-    let shard = Shard::open(shard_bytes).map_err(part("shard.bin"))?;
+    let mut shard = Shard::open(shard_bytes).map_err(part("shard.bin"))?;
+    if let Some(ef) = inputs.shard_ef {
+        shard = shard.with_search_ef(ef).map_err(part("shard.bin"))?;
+    }
     if shard.dim() != spec.output_dim {
         return Err(BundleBuildError::Mismatch(format!(
             "the shard holds {}-d vectors, the user tower outputs {}-d ones",
@@ -186,6 +192,9 @@ pub fn build_bundle(inputs: &BundleInputs<'_>) -> Result<(Vec<u8>, BuiltBundle),
     let mut builder = BundleBuilder::new(model_version.clone(), inputs.created_at);
     for (key, value) in &inputs.lineage {
         builder = builder.lineage(key.clone(), value.clone());
+    }
+    if let Some(ef) = inputs.shard_ef {
+        builder = builder.lineage("shard_ef".to_owned(), ef.to_string());
     }
     for (kind, bytes) in sections {
         builder = builder.section(kind, bytes);

@@ -285,6 +285,10 @@ struct BundleBuildArgs {
     /// parent run.
     #[arg(long, value_parser = parse_lineage)]
     lineage: Vec<(String, String)>,
+    /// The shard's default beam width, instead of the one `train two-tower` calibrated:
+    /// trades retrieval recall for latency without retraining.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    shard_ef: Option<u32>,
     /// Output folder [default: SPLIT/bundles].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -1369,6 +1373,7 @@ fn run(cli: Cli) -> Result<()> {
                     created_at,
                     lineage,
                     model_version: args.model_version.clone(),
+                    shard_ef: args.shard_ef.map(|ef| ef as usize),
                 },
             )?;
             let out = args.out.unwrap_or_else(|| split_dir.join("bundles"));

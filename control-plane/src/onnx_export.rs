@@ -10,7 +10,10 @@
 //! as int8 rows with one f32 scale per row ([`TablePrecision::Int8`]): a lookup is
 //! Gather, Cast, and a Mul by the row's gathered scale. That is a quarter of the bytes to
 //! ship and to parse at every cold start, for an error of at most half a quantization
-//! step (`max |row| / 254`) per weight.
+//! step (`max |row| / 254`) per weight. Tables of fewer than [`INT8_MIN_ROWS`] rows (the
+//! category, country, language and age vocabularies) stay f32: they weigh a few
+//! kilobytes, and each quantized table adds three nodes that tract declutters and
+//! optimises again at every cold start.
 
 use std::collections::HashMap;
 
@@ -31,11 +34,20 @@ const FLOAT: i32 = pb::tensor_proto::DataType::Float as i32;
 const INT64: i32 = pb::tensor_proto::DataType::Int64 as i32;
 const INT8: i32 = pb::tensor_proto::DataType::Int8 as i32;
 
+/// The fewest rows a table must have to be stored as int8 by [`TablePrecision::Int8`].
+pub const INT8_MIN_ROWS: usize = 256;
+
+/// Whether [`TablePrecision::Int8`] stores a table of `rows` rows as int8.
+pub fn quantizes_table(rows: usize) -> bool {
+    rows >= INT8_MIN_ROWS
+}
+
 /// How the tower's embedding tables are stored in the exported graph.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TablePrecision {
-    /// Each row as int8 with one f32 scale (`row = scale * q`, symmetric, `|q| <= 127`).
+    /// Each row as int8 with one f32 scale (`row = scale * q`, symmetric, `|q| <= 127`),
+    /// for tables of at least [`INT8_MIN_ROWS`] rows; smaller ones as trained.
     #[default]
     Int8,
     /// The trained f32 values, bit for bit.
@@ -198,7 +210,12 @@ impl Graph {
     /// returns the table's dims.
     fn gather_rows(&mut self, table: &str, rows: &str, out: &str) -> Result<Vec<i64>, ExportError> {
         let axis = || vec![attribute_int("axis", 0)];
-        match self.tables {
+        let rows_in_table = self.values(table)?.0.first().copied().unwrap_or(0) as usize;
+        let precision = match self.tables {
+            TablePrecision::Int8 if !quantizes_table(rows_in_table) => TablePrecision::F32,
+            precision => precision,
+        };
+        match precision {
             TablePrecision::F32 => {
                 let (table, dims) = self.weight(table)?;
                 self.node("Gather", &[&table, rows], out, axis());

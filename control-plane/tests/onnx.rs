@@ -10,11 +10,14 @@ use std::sync::OnceLock;
 use control_plane::config::TwoTowerConfig;
 use control_plane::data::Dataset;
 use control_plane::eval::positives_by_user;
-use control_plane::onnx_export::{TablePrecision, dequantized_rows, export_user_tower};
+use control_plane::onnx_export::{
+    TablePrecision, dequantized_rows, export_user_tower, quantizes_table,
+};
 use control_plane::synthetic::{GeneratorConfig, generate};
 use control_plane::two_tower::TwoTower;
 use control_plane::two_tower::train;
 use edge::tower::{UserTower, Viewer, encode_user};
+use prost::Message;
 
 /// A tower trained once for all tests: its ONNX bytes, inputs and candle's outputs, with
 /// the embedding tables exported as trained (f32) and quantized (int8).
@@ -40,10 +43,19 @@ const USER_TOWER_TABLES: [&str; 6] = [
     "user",
 ];
 
+/// The tables [`TablePrecision::Int8`] quantizes: those with enough rows.
+fn quantized_tables(model: &TwoTower) -> Vec<&'static str> {
+    let tensors = model.tensors();
+    USER_TOWER_TABLES
+        .into_iter()
+        .filter(|name| quantizes_table(tensors[*name].dim(0).unwrap()))
+        .collect()
+}
+
 /// `model` with the user tower's tables replaced by what the int8 export serves.
 fn with_dequantized_tables(model: &TwoTower) -> TwoTower {
     let mut tensors = model.tensors();
-    for name in USER_TOWER_TABLES {
+    for name in quantized_tables(model) {
         let table = &tensors[name];
         let width = table.dim(1).unwrap();
         let values = table.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -137,7 +149,7 @@ fn build_fixture() -> Fixture {
         spec: model.spec.clone(),
         int8_onnx,
         int8_expected,
-        table_weights: USER_TOWER_TABLES
+        table_weights: quantized_tables(model)
             .iter()
             .map(|t| tensors[*t].elem_count())
             .sum(),
@@ -219,6 +231,21 @@ fn int8_tables_serve_their_dequantized_rows_in_a_quarter_of_the_bytes() {
         worst_cosine > 0.995,
         "cosine to the f32 tower: {worst_cosine}"
     );
+    // Only the large vocabularies are quantized; the small ones stay f32 and add no
+    // dequantization nodes.
+    let graph = tract_onnx::pb::ModelProto::decode(&fixture.int8_onnx[..])
+        .unwrap()
+        .graph
+        .unwrap();
+    let int8_tables: Vec<&str> = graph
+        .initializer
+        .iter()
+        .filter(|t| t.data_type == tract_onnx::pb::tensor_proto::DataType::Int8 as i32)
+        .map(|t| t.name.as_str())
+        .collect();
+    assert_eq!(int8_tables, ["weights.video.int8", "weights.user.int8"]);
+    let casts = graph.node.iter().filter(|n| n.op_type == "Cast").count();
+    assert_eq!(casts, 2, "one dequantizing Cast per int8 table");
     // Three of every table weight's four bytes go, less one f32 scale per row.
     let saved = fixture.onnx.len() - fixture.int8_onnx.len();
     assert!(

@@ -236,6 +236,54 @@ fn synthetic_data_from_generation_to_fitted_preprocessing() {
         "{err}"
     );
 
+    // An operator's beam width replaces the calibrated one, and the lineage says so.
+    let narrow = dir.path().join("narrow");
+    stdout_of(&control_plane([
+        "bundle",
+        "build",
+        "--data",
+        arg(&data),
+        "--model",
+        arg(&model),
+        "--ranker",
+        arg(&ranker.join("ranker.json")),
+        "--shard-ef",
+        "77",
+        "--out",
+        arg(&narrow),
+    ]));
+    let narrow_file = std::fs::read_dir(&narrow).unwrap().next().unwrap().unwrap();
+    let narrow_bytes = std::fs::read(narrow_file.path()).unwrap();
+    let narrow_view = edge::bundle::BundleView::parse(&narrow_bytes).unwrap();
+    let shard = edge::shard::Shard::open(
+        narrow_view
+            .require(edge::bundle::SectionKind::Shard)
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    assert_eq!(shard.search_ef(), 77);
+    assert_eq!(
+        narrow_view.header.lineage.get("shard_ef").map(String::as_str),
+        Some("77")
+    );
+    let err = stderr_of_failure(
+        &control_plane([
+            "bundle",
+            "build",
+            "--data",
+            arg(&data),
+            "--model",
+            arg(&model),
+            "--ranker",
+            arg(&ranker.join("ranker.json")),
+            "--shard-ef",
+            "0",
+        ]),
+        2,
+    );
+    assert!(err.contains("--shard-ef"), "{err}");
+
     // A missing or broken model is an error that says what to do.
     let err = stderr_of_failure(
         &control_plane([
