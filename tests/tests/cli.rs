@@ -264,7 +264,11 @@ fn synthetic_data_from_generation_to_fitted_preprocessing() {
     .unwrap();
     assert_eq!(shard.search_ef(), 77);
     assert_eq!(
-        narrow_view.header.lineage.get("shard_ef").map(String::as_str),
+        narrow_view
+            .header
+            .lineage
+            .get("shard_ef")
+            .map(String::as_str),
         Some("77")
     );
     let err = stderr_of_failure(
