@@ -949,45 +949,28 @@ impl Parsed {
         }
 
         // Every length is checked against the file before anything is allocated from it.
-        let size = |name: &str, a: usize, b: usize| {
-            a.checked_mul(b)
-                .ok_or_else(|| invalid(format!("{name} size {a} x {b} overflows")))
-        };
         let mut sections = Sections {
             body_len,
             next_start: header_len,
         };
-        let ids_range = sections.take("id section", header64(32), size("id section", count, 8)?)?;
-        let scales_range = sections.take(
-            "scale section",
-            header64(40),
-            size("scale section", count, 4)?,
-        )?;
-        let vectors = sections.take(
-            "vector section",
-            header64(48),
-            size("vector section", count, dim)?,
-        )?;
+        // `items` of `width` bytes at the offset the header stores at `offset_at`.
+        let mut array = |name: &str, offset_at: usize, items: usize, width: usize| {
+            let len = items
+                .checked_mul(width)
+                .ok_or_else(|| invalid(format!("{name} size {items} x {width} overflows")))?;
+            sections.take(name, header64(offset_at), len)
+        };
+        let ids_range = array("id section", 32, count, 8)?;
+        let scales_range = array("scale section", 40, count, 4)?;
+        let vectors = array("vector section", 48, count, dim)?;
         let derived = if version == 1 {
             None
         } else {
-            let order = sections.take(
-                "id-order section",
-                header64(64),
-                size("id-order section", count, 4)?,
-            )?;
-            let offsets = sections.take(
-                "list-offset section",
-                header64(72),
-                size("list-offset section", count + 1, 4)?,
-            )?;
+            let order = array("id-order section", 64, count, 4)?;
+            let offsets = array("list-offset section", 72, count + 1, 4)?;
             Some((order, offsets))
         };
-        let table = sections.take(
-            "layer table",
-            header64(56),
-            size("layer table", layer_count, LAYER_ENTRY_LEN)?,
-        )?;
+        let table = array("layer table", 56, layer_count, LAYER_ENTRY_LEN)?;
 
         let ids: Vec<u64> = bytes[ids_range]
             .chunks_exact(8)

@@ -148,16 +148,19 @@ fn synthetic_data_from_generation_to_fitted_preprocessing() {
     );
 
     // Everything serving needs, in one verified bundle named by its sha256.
+    let ranker_json = ranker.join("ranker.json");
+    let bundle_build = |options: &[&str]| {
+        let inputs = ["--data", arg(&data), "--model", arg(&model)];
+        control_plane(
+            ["bundle", "build"]
+                .into_iter()
+                .chain(inputs)
+                .chain(["--ranker", arg(&ranker_json)])
+                .chain(options.iter().copied()),
+        )
+    };
     let bundles = dir.path().join("bundles");
-    let out = stdout_of(&control_plane([
-        "bundle",
-        "build",
-        "--data",
-        arg(&data),
-        "--model",
-        arg(&model),
-        "--ranker",
-        arg(&ranker.join("ranker.json")),
+    let out = stdout_of(&bundle_build(&[
         "--promoted",
         "3,5",
         "--out",
@@ -216,21 +219,7 @@ fn synthetic_data_from_generation_to_fitted_preprocessing() {
         "the tower's output is unit length: {norm}"
     );
     assert!(catalog.get(3).unwrap().promoted() && !catalog.get(4).unwrap().promoted());
-    let err = stderr_of_failure(
-        &control_plane([
-            "bundle",
-            "build",
-            "--data",
-            arg(&data),
-            "--model",
-            arg(&model),
-            "--ranker",
-            arg(&ranker.join("ranker.json")),
-            "--promoted",
-            "100000",
-        ]),
-        1,
-    );
+    let err = stderr_of_failure(&bundle_build(&["--promoted", "100000"]), 1);
     assert!(
         err.contains("promoted video 100000 is not in the catalogue"),
         "{err}"
@@ -238,20 +227,7 @@ fn synthetic_data_from_generation_to_fitted_preprocessing() {
 
     // An operator's beam width replaces the calibrated one, and the lineage says so.
     let narrow = dir.path().join("narrow");
-    stdout_of(&control_plane([
-        "bundle",
-        "build",
-        "--data",
-        arg(&data),
-        "--model",
-        arg(&model),
-        "--ranker",
-        arg(&ranker.join("ranker.json")),
-        "--shard-ef",
-        "77",
-        "--out",
-        arg(&narrow),
-    ]));
+    stdout_of(&bundle_build(&["--shard-ef", "77", "--out", arg(&narrow)]));
     let narrow_file = std::fs::read_dir(&narrow).unwrap().next().unwrap().unwrap();
     let narrow_bytes = std::fs::read(narrow_file.path()).unwrap();
     let narrow_view = edge::bundle::BundleView::parse(&narrow_bytes).unwrap();
@@ -271,21 +247,7 @@ fn synthetic_data_from_generation_to_fitted_preprocessing() {
             .map(String::as_str),
         Some("77")
     );
-    let err = stderr_of_failure(
-        &control_plane([
-            "bundle",
-            "build",
-            "--data",
-            arg(&data),
-            "--model",
-            arg(&model),
-            "--ranker",
-            arg(&ranker.join("ranker.json")),
-            "--shard-ef",
-            "0",
-        ]),
-        2,
-    );
+    let err = stderr_of_failure(&bundle_build(&["--shard-ef", "0"]), 2);
     assert!(err.contains("--shard-ef"), "{err}");
 
     // A missing or broken model is an error that says what to do.
