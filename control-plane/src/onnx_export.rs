@@ -210,7 +210,15 @@ impl Graph {
     /// returns the table's dims.
     fn gather_rows(&mut self, table: &str, rows: &str, out: &str) -> Result<Vec<i64>, ExportError> {
         let axis = || vec![attribute_int("axis", 0)];
-        let rows_in_table = self.values(table)?.0.first().copied().unwrap_or(0) as usize;
+        // The row count from the tensor's shape: `values` would copy the whole table.
+        let rows_in_table = self
+            .weights
+            .get(table)
+            .ok_or_else(|| ExportError::MissingWeight(table.to_owned()))?
+            .dims()
+            .first()
+            .copied()
+            .unwrap_or(0);
         let precision = match self.tables {
             TablePrecision::Int8 if !quantizes_table(rows_in_table) => TablePrecision::F32,
             precision => precision,

@@ -309,9 +309,7 @@ pub struct Recommender {
     shard_position_of_row: Vec<u32>,
     /// Shard positions of each category's videos, with their catalogue rows.
     category_positions: BTreeMap<String, Vec<(u32, u32)>>,
-    /// Catalogue rows, most viewed first.
-    popular_rows: Vec<u32>,
-    /// Each catalogue row's position in `popular_rows`.
+    /// Each catalogue row's position in the catalogue's popularity order.
     popularity_rank: Vec<u32>,
     /// Catalogue rows of promoted videos.
     promoted_rows: Vec<u32>,
@@ -430,9 +428,8 @@ impl Recommender {
                 .filter_map(|(position, row)| Some((position as u32, (*row)?))),
         );
 
-        let popular_rows = catalog.popularity_order().to_vec();
-        let mut popularity_rank = vec![0; popular_rows.len()];
-        for (rank, &row) in popular_rows.iter().enumerate() {
+        let mut popularity_rank = vec![0; catalog.len()];
+        for (rank, &row) in catalog.popularity_order().iter().enumerate() {
             popularity_rank[row as usize] = rank as u32;
         }
         let promoted_rows = catalog
@@ -451,7 +448,6 @@ impl Recommender {
             experiments,
             shard_position_of_row,
             category_positions,
-            popular_rows,
             popularity_rank,
             promoted_rows,
         }
@@ -1012,7 +1008,7 @@ impl Run {
     fn popular(&self, rec: &Recommender, limit: usize, keep: impl Fn(u32) -> bool) -> Vec<u32> {
         let mut rows: Vec<u32> = Vec::new();
         for wanted in [true, false] {
-            for &row in &rec.popular_rows {
+            for &row in rec.catalog.popularity_order() {
                 if rows.len() == limit {
                     return rows;
                 }
@@ -1027,7 +1023,7 @@ impl Run {
     /// A cold viewer's score: 1 for a video in their languages, plus the share of the
     /// catalogue it out-views (so: their languages first, then by views).
     fn popularity_score(&self, rec: &Recommender, row: u32) -> f64 {
-        let videos = rec.popular_rows.len().max(1) as f64;
+        let videos = rec.catalog.len().max(1) as f64;
         let outviewed = 1.0 - f64::from(rec.popularity_rank[row as usize] + 1) / videos;
         f64::from(u8::from(self.in_language(rec, row))) + outviewed
     }

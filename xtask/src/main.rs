@@ -610,12 +610,13 @@ fn bench(args: &[OsString]) -> Result<()> {
             .join("ranker.json")
             .exists()
     };
+    // Every run builds a bundle with it, trained or not.
+    let step = release_control_plane()?;
     if rebuild || !trained() {
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }
         std::fs::create_dir_all(&dir)?;
-        let step = release_control_plane()?;
         std::fs::write(&config, BENCH_CONFIG)?;
         eprintln!(
             "xtask: building the 100,000-video bench bundle in {} (once; 10-20 minutes)",
@@ -650,7 +651,7 @@ fn bench(args: &[OsString]) -> Result<()> {
     if bundles.exists() {
         std::fs::remove_dir_all(&bundles)?;
     }
-    release_control_plane()?(&[
+    step(&[
         &"bundle",
         &"build",
         &"--data",
@@ -675,7 +676,6 @@ fn bench(args: &[OsString]) -> Result<()> {
         .env("EDGEREC_EDGE_WASM", &edge_wasm))?;
     if args.iter().any(|a| a == "--peers") {
         let python = peers_python()?;
-        let step = release_control_plane()?;
         let peers = cache_dir()?.join("bench").join("peers");
         std::fs::create_dir_all(&peers)?;
         // The bench bundle's own tower; the shard side uses `bench shard`'s clustered
