@@ -91,7 +91,7 @@ pub fn train_official_catboost(
         "random_seed": config.seed,
         "od_type": "Iter",
         "od_wait": config.early_stopping_rounds,
-        "use_best_model": !validation.is_empty(),
+        "use_best_model": config.use_best_model && !validation.is_empty(),
         "thread_count": 1,
         "verbose": false,
         "allow_writing_files": false,

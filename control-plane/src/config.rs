@@ -136,6 +136,9 @@ pub struct RankerConfig {
     pub border_count: usize,
     /// Stop after this many rounds without improvement on validation.
     pub early_stopping_rounds: usize,
+    /// Keep only the trees up to the best validation loss (CatBoost's option of the same
+    /// name). Off: every tree trained is kept, e.g. to measure a model of a given size.
+    pub use_best_model: bool,
     /// `Logloss` (labels 0/1) or `PairLogit` (pairs within a request).
     pub loss: String,
     /// Categorical columns with at most this many distinct training values are one-hot;
@@ -156,6 +159,7 @@ impl Default for RankerConfig {
             impression_negatives: 0,
             border_count: 254,
             early_stopping_rounds: 50,
+            use_best_model: true,
             loss: "Logloss".to_owned(),
             one_hot_max_size: 4,
             seed: 42,

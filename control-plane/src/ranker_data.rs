@@ -28,8 +28,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use edge::catalog::{Catalog, VideoRef};
 use edge::ranker::FeatureValue;
 use edge::ranker::features::{
-    COLUMNS, CandidateContext, ColumnKind, ViewerContext, ViewerHistory, ranker_features,
-    recent_vectors,
+    COLUMNS, CandidateContext, ColumnKind, ViewerColumns, ViewerContext, ViewerHistory,
+    ranker_features, recent_vectors,
 };
 use edge::{Channel, Interaction, User, engagement_weight};
 use rand::SeedableRng;
@@ -258,7 +258,12 @@ impl Lookups<'_> {
             source: SOURCE,
             recent_similarities: &similarities,
         };
-        ranker_features(preprocessor, &viewer, &context, &mut out.values);
+        ranker_features(
+            preprocessor,
+            &ViewerColumns::new(preprocessor, viewer),
+            &context,
+            &mut out.values,
+        );
         out.labels.push(label);
         out.groups.push(group);
         out.users.push(request.user.user_id);

@@ -545,7 +545,7 @@ pub fn train_ranker(
         }
     }
     let iterations = trees.len();
-    let kept = if validation.is_some() {
+    let kept = if validation.is_some() && config.use_best_model {
         best_kept.max(1)
     } else {
         iterations

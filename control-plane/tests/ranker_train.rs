@@ -182,6 +182,34 @@ fn logloss_learns_and_catboost_predicts_what_we_predict() {
 }
 
 #[test]
+fn use_best_model_off_keeps_every_tree() {
+    let train = rows(1500, 1, 0);
+    let validation = rows(500, 2, 1_000_000);
+    let trained = |use_best_model| {
+        let config = RankerConfig {
+            iterations: 120,
+            // A high rate passes the best validation loss well before the last tree.
+            learning_rate: 0.3,
+            early_stopping_rounds: 120,
+            use_best_model,
+            ..config("Logloss")
+        };
+        train_ranker(&train.view(), Some(&validation.view()), &config, |_, _| {}).unwrap()
+    };
+    let (best, best_report) = trained(true);
+    let (all, all_report) = trained(false);
+    assert!(best_report.kept < 120, "{best_report:?}");
+    assert_eq!(best.trees.len(), best_report.kept);
+    assert_eq!(
+        (all_report.kept, all.trees.len()),
+        (120, 120),
+        "{all_report:?}"
+    );
+    // The same trees, one model a prefix of the other.
+    assert_eq!(all.trees[..best.trees.len()], best.trees[..]);
+}
+
+#[test]
 fn ordered_statistics_keep_a_row_from_seeing_its_own_label() {
     // `row_id` is unique per row: a CTR computed with the row's own label would separate
     // the training rows perfectly and be chosen first; ordered, it only ever sees the

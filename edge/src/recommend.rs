@@ -31,8 +31,8 @@ use crate::bundle::{BundleView, SectionKind};
 use crate::catalog::{Catalog, VideoRef};
 use crate::preprocess::Preprocessor;
 use crate::ranker::features::{
-    COLUMNS, CandidateContext, FIRST_RECENT_COLUMN, ViewerContext, ViewerHistory, ranker_features,
-    recent_vectors,
+    COLUMNS, CandidateContext, FIRST_RECENT_COLUMN, ViewerColumns, ViewerContext, ViewerHistory,
+    ranker_features, recent_vectors,
 };
 use crate::ranker::{FeatureValue, RankerModel, RankerScratch};
 use crate::rules::{BusinessRules, Experiments};
@@ -1102,14 +1102,17 @@ impl Run {
             Vec::new()
         };
         let features = &self.request.user_features;
-        let viewer = ViewerContext {
-            country: features.country.as_deref(),
-            language: features.language.as_deref(),
-            age: self.age,
-            device: features.device.as_deref(),
-            time: self.request.timestamp,
-            history: &history,
-        };
+        let viewer = ViewerColumns::new(
+            &rec.preprocessor,
+            ViewerContext {
+                country: features.country.as_deref(),
+                language: features.language.as_deref(),
+                age: self.age,
+                device: features.device.as_deref(),
+                time: self.request.timestamp,
+                history: &history,
+            },
+        );
         let best = self
             .candidates
             .iter()

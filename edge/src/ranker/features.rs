@@ -151,33 +151,68 @@ pub struct CandidateContext<'a> {
     pub recent_similarities: &'a [f32],
 }
 
+/// The columns of a row that depend on the viewer alone, computed once for all of a
+/// request's candidates (the hashes of its categorical values, its scaled age, its hour).
+#[derive(Debug, Clone, Copy)]
+pub struct ViewerColumns<'a> {
+    viewer: ViewerContext<'a>,
+    country: FeatureValue,
+    language: FeatureValue,
+    day: FeatureValue,
+    device: FeatureValue,
+    age: FeatureValue,
+    age_bucket: FeatureValue,
+    hour_sin: FeatureValue,
+    hour_cos: FeatureValue,
+}
+
+impl<'a> ViewerColumns<'a> {
+    /// `viewer`'s columns as `preprocessor` scales them.
+    pub fn new(preprocessor: &Preprocessor, viewer: ViewerContext<'a>) -> Self {
+        let cat = |value: &str| FeatureValue::Cat(CatValue::new(value));
+        let or_nan = |value: Option<f32>| FeatureValue::Float(value.unwrap_or(f32::NAN));
+        let age = viewer.age.map(f64::from);
+        let [hour_sin, hour_cos] = hour_cyclical(viewer.time);
+        Self {
+            viewer,
+            country: cat(viewer.country.unwrap_or("")),
+            language: cat(viewer.language.unwrap_or("")),
+            day: cat(&day_of_week(viewer.time).to_string()),
+            device: cat(viewer.device.unwrap_or("")),
+            age: or_nan(age.map(|a| preprocessor.age.scaled(a))),
+            age_bucket: or_nan(age.map(|a| preprocessor.age.bucket(a) as f32)),
+            hour_sin: FeatureValue::Float(hour_sin),
+            hour_cos: FeatureValue::Float(hour_cos),
+        }
+    }
+}
+
 /// Appends the row of `candidate` for `viewer` to `out`: [`COLUMNS`], in order.
 pub fn ranker_features(
     preprocessor: &Preprocessor,
-    viewer: &ViewerContext<'_>,
+    viewer_columns: &ViewerColumns<'_>,
     candidate: &CandidateContext<'_>,
     out: &mut Vec<FeatureValue>,
 ) {
+    let viewer = &viewer_columns.viewer;
     let video = candidate.video;
     let cat = |value: &str| FeatureValue::Cat(CatValue::new(value));
     let float = FeatureValue::Float;
     let or_nan = |value: Option<f32>| float(value.unwrap_or(f32::NAN));
     let subscribers = video.channel_subscribers() as f64;
     let per_subscriber = |count: u64| float((count as f64 / subscribers.max(1.0)) as f32);
-    let [hour_sin, hour_cos] = hour_cyclical(viewer.time);
-    let age = viewer.age.map(f64::from);
     let duration = (video.duration_seconds() > 0).then_some(f64::from(video.duration_seconds()));
     out.extend([
-        cat(viewer.country.unwrap_or("")),
-        cat(viewer.language.unwrap_or("")),
+        viewer_columns.country,
+        viewer_columns.language,
         cat(video.category()),
         cat(video.child_categories()),
         cat(video.language()),
-        cat(&day_of_week(viewer.time).to_string()),
-        cat(viewer.device.unwrap_or("")),
+        viewer_columns.day,
+        viewer_columns.device,
         cat(candidate.source),
-        or_nan(age.map(|a| preprocessor.age.scaled(a))),
-        or_nan(age.map(|a| preprocessor.age.bucket(a) as f32)),
+        viewer_columns.age,
+        viewer_columns.age_bucket,
         or_nan(duration.map(|d| preprocessor.duration.scaled(d))),
         float(preprocessor.view_count.apply(video.view_count() as f64)),
         float(preprocessor.like_count.apply(video.like_count() as f64)),
@@ -190,8 +225,8 @@ pub fn ranker_features(
         per_subscriber(video.comment_count()),
         float(preprocessor.subscribers.scaled(subscribers)),
         float(preprocessor.subscribers.bucket(subscribers) as f32),
-        float(hour_sin),
-        float(hour_cos),
+        viewer_columns.hour_sin,
+        viewer_columns.hour_cos,
         float(candidate.two_tower_score),
         float(candidate.best_two_tower_score - candidate.two_tower_score),
         or_nan(candidate.retrieval_rank.map(|rank| rank as f32)),
@@ -331,7 +366,12 @@ mod tests {
             recent_similarities: &[0.5, 0.0],
         };
         let mut row = Vec::new();
-        ranker_features(&pre, &viewer, &candidate, &mut row);
+        ranker_features(
+            &pre,
+            &ViewerColumns::new(&pre, viewer),
+            &candidate,
+            &mut row,
+        );
         assert_eq!(row.len(), COLUMNS.len());
         for (value, (name, kind)) in row.iter().zip(COLUMNS) {
             let fits = matches!(
@@ -365,7 +405,12 @@ mod tests {
             FeatureValue::Float(0.01)
         );
         let mut again = Vec::new();
-        ranker_features(&pre, &viewer, &candidate, &mut again);
+        ranker_features(
+            &pre,
+            &ViewerColumns::new(&pre, viewer),
+            &candidate,
+            &mut again,
+        );
         assert_eq!(
             format!("{row:?}"),
             format!("{again:?}"),
@@ -410,7 +455,12 @@ mod tests {
             recent_similarities: &[],
         };
         let mut row = Vec::new();
-        ranker_features(&pre, &viewer, &candidate, &mut row);
+        ranker_features(
+            &pre,
+            &ViewerColumns::new(&pre, viewer),
+            &candidate,
+            &mut row,
+        );
         for name in [
             "age",
             "age_bucket",
