@@ -352,7 +352,7 @@ impl Catalog {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, Error> {
         // The version is the map's first entry: read alone, so that a catalogue of another
         // version is named as such rather than as undecodable, without decoding it twice.
-        if let Some(found) = leading_format_version(bytes)
+        if let Some(found) = crate::leading_format_version(bytes)
             && !(OLDEST_READ_VERSION..=CATALOG_FORMAT_VERSION).contains(&found)
         {
             return Err(Error::FormatVersion {
@@ -495,19 +495,6 @@ impl Catalog {
         }
         Ok(())
     }
-}
-
-/// The value of a MessagePack map's first entry when its key is `format_version`.
-fn leading_format_version(bytes: &[u8]) -> Option<u32> {
-    const KEY: &[u8] = b"format_version";
-    let mut rest = bytes;
-    rmp::decode::read_map_len(&mut rest).ok()?;
-    let length = rmp::decode::read_str_len(&mut rest).ok()? as usize;
-    if rest.get(..length)? != KEY {
-        return None;
-    }
-    rest = &rest[length..];
-    rmp::decode::read_int(&mut rest).ok()
 }
 
 #[cfg(test)]

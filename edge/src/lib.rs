@@ -25,3 +25,18 @@ pub mod web;
 pub use engagement::{EngagementRules, engagement_weight};
 pub use entities::{Channel, ContentRating, Interaction, InteractionType, User, Video};
 pub use error::{ConfigError, Error};
+
+/// The value of a MessagePack map's first entry when its key is `format_version`: the
+/// version of a section read without decoding the section (a struct that ignores the
+/// other fields still walks every byte of them).
+pub(crate) fn leading_format_version(bytes: &[u8]) -> Option<u32> {
+    const KEY: &[u8] = b"format_version";
+    let mut rest = bytes;
+    rmp::decode::read_map_len(&mut rest).ok()?;
+    let length = rmp::decode::read_str_len(&mut rest).ok()? as usize;
+    if rest.get(..length)? != KEY {
+        return None;
+    }
+    rest = &rest[length..];
+    rmp::decode::read_int(&mut rest).ok()
+}

@@ -625,23 +625,25 @@ impl Preprocessor {
 
     /// Decodes bytes written by [`Preprocessor::to_bytes`].
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, Error> {
-        #[derive(Deserialize)]
-        struct VersionOnly {
-            format_version: u32,
+        let wrong_version = |found| Error::FormatVersion {
+            artifact: "preprocessor",
+            found,
+            expected: PREPROCESSOR_FORMAT_VERSION,
+        };
+        // Another version is named as such rather than as undecodable.
+        if let Some(found) = crate::leading_format_version(bytes)
+            && found != PREPROCESSOR_FORMAT_VERSION
+        {
+            return Err(wrong_version(found));
         }
-        let decode_error = |e: rmp_serde::decode::Error| Error::Decode {
+        let preprocessor: Self = rmp_serde::from_slice(bytes).map_err(|e| Error::Decode {
             artifact: "preprocessor",
             message: e.to_string(),
-        };
-        let version: VersionOnly = rmp_serde::from_slice(bytes).map_err(decode_error)?;
-        if version.format_version != PREPROCESSOR_FORMAT_VERSION {
-            return Err(Error::FormatVersion {
-                artifact: "preprocessor",
-                found: version.format_version,
-                expected: PREPROCESSOR_FORMAT_VERSION,
-            });
+        })?;
+        if preprocessor.format_version != PREPROCESSOR_FORMAT_VERSION {
+            return Err(wrong_version(preprocessor.format_version));
         }
-        rmp_serde::from_slice(bytes).map_err(decode_error)
+        Ok(preprocessor)
     }
 }
 
