@@ -175,7 +175,9 @@ pub fn build_bundle(inputs: &BundleInputs<'_>) -> Result<(Vec<u8>, BuiltBundle),
         (SectionKind::TowerSpec, spec.to_bytes()),
         // Opening validated the shard without changing its bytes.
         (SectionKind::Shard, shard.into_current_bytes()),
-        (SectionKind::Ranker, ranker_bytes),
+        // The trained JSON is the artifact other tools read; the bundle carries the form
+        // that loads fastest.
+        (SectionKind::Ranker, ranker.to_bytes()),
         (SectionKind::Preprocessor, preprocessor_bytes),
         (SectionKind::Videos, catalog.to_bytes()),
         (SectionKind::Rules, inputs.config.rules.to_bytes()),

@@ -364,13 +364,7 @@ impl Recommender {
                 spec.output_dim
             )));
         }
-        let ranker_json = std::str::from_utf8(view.require(SectionKind::Ranker)?).map_err(|e| {
-            Error::InvalidBundle {
-                section: Some("ranker"),
-                reason: format!("is not UTF-8 JSON: {e}"),
-            }
-        })?;
-        let ranker = RankerModel::from_catboost_json(ranker_json)?;
+        let ranker = RankerModel::from_bundle_section(view.require(SectionKind::Ranker)?)?;
         if ranker.row_width() > COLUMNS.len() {
             return Err(mismatch(format!(
                 "the ranker reads {} columns, the edge's feature row has {}",

@@ -40,11 +40,7 @@ fuzz_target!(|input: &[u8]| {
                     .expect("a valid query searches");
             }
         }
-        SectionKind::Ranker => {
-            if let Ok(text) = std::str::from_utf8(bytes) {
-                let _ = RankerModel::from_catboost_json(text);
-            }
-        }
+        SectionKind::Ranker => drop(RankerModel::from_bundle_section(bytes)),
         SectionKind::Preprocessor => drop(Preprocessor::from_bytes(bytes)),
         SectionKind::Videos => {
             if let Ok(catalog) = Catalog::from_bytes(bytes) {

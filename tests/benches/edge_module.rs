@@ -90,10 +90,12 @@ fn load_breakdown(bundle: &[u8]) -> anyhow::Result<()> {
             })?,
         ),
         (
-            "ranker (CatBoost JSON)",
+            "ranker",
             time(&mut || {
-                let json = std::str::from_utf8(view.require(SectionKind::Ranker)?)?;
-                Ok(RankerModel::from_catboost_json(json).map(drop)?)
+                Ok(
+                    RankerModel::from_bundle_section(view.require(SectionKind::Ranker)?)
+                        .map(drop)?,
+                )
             })?,
         ),
     ];

@@ -183,9 +183,16 @@ fn synthetic_data_from_generation_to_fitted_preprocessing() {
         view.header.sections.len(),
         edge::bundle::SectionKind::ALL.len()
     );
+    // The bundle carries the trained JSON's model in its binary form.
+    let ranker_section = view.section(edge::bundle::SectionKind::Ranker).unwrap();
     assert_eq!(
-        view.section(edge::bundle::SectionKind::Ranker).unwrap(),
-        json.as_bytes()
+        edge::ranker::RankerModel::from_bytes(ranker_section).unwrap(),
+        edge::ranker::RankerModel::from_catboost_json(&json).unwrap()
+    );
+    assert!(
+        ranker_section.len() < json.len() / 2,
+        "{} bytes",
+        ranker_section.len()
     );
     let catalog = edge::catalog::Catalog::from_bytes(
         view.section(edge::bundle::SectionKind::Videos).unwrap(),

@@ -189,6 +189,58 @@ fn our_json_reads_back_to_the_same_model() {
 }
 
 #[test]
+fn the_bundle_form_reads_back_to_the_same_model_and_refuses_damage() {
+    for json in [
+        fixture!("cat_logloss.json"),
+        fixture!("probe_cat_combo.json"),
+        fixture!("float_logloss_nanmin.json"),
+    ] {
+        let model = RankerModel::from_catboost_json(json).unwrap();
+        let bytes = model.to_bytes();
+        assert_eq!(RankerModel::from_bytes(&bytes).unwrap(), model);
+        assert_eq!(RankerModel::from_bundle_section(&bytes).unwrap(), model);
+        // Bundles built before the binary form carry the JSON text.
+        assert_eq!(
+            RankerModel::from_bundle_section(json.as_bytes()).unwrap(),
+            model
+        );
+        for cut in [0, 1, bytes.len() / 2, bytes.len() - 1] {
+            let message = RankerModel::from_bundle_section(&bytes[..cut])
+                .unwrap_err()
+                .to_string();
+            assert!(message.contains("ranker"), "cut at {cut}: {message}");
+        }
+        // Any single flipped byte is refused or gives a model that passed `new`'s checks
+        // (the bundle's section hash is what catches damage); it never panics.
+        for at in (0..bytes.len()).step_by(7) {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 0x5a;
+            if let Ok(model) = RankerModel::from_bundle_section(&damaged) {
+                let rows = vec![FeatureValue::Float(0.5); model.row_width()];
+                let _ = model.predict(&rows);
+            }
+        }
+    }
+    let model = RankerModel::from_catboost_json(fixture!("cat_logloss.json")).unwrap();
+    let mut other_version = model.to_bytes();
+    // `format_version` is the first entry: its value is the byte after the 14-byte key.
+    let at = 1 + 1 + "format_version".len();
+    assert_eq!(other_version[at], RANKER_FORMAT_VERSION as u8);
+    other_version[at] = 9;
+    assert_eq!(
+        RankerModel::from_bytes(&other_version)
+            .unwrap_err()
+            .to_string(),
+        Error::FormatVersion {
+            artifact: "ranker",
+            found: 9,
+            expected: RANKER_FORMAT_VERSION
+        }
+        .to_string()
+    );
+}
+
+#[test]
 fn unsupported_parts_are_named() {
     let depthwise = RankerModel::from_catboost_json(fixture!("depthwise.json"))
         .unwrap_err()
