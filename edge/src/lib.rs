@@ -40,3 +40,33 @@ pub(crate) fn leading_format_version(bytes: &[u8]) -> Option<u32> {
     rest = &rest[length..];
     rmp::decode::read_int(&mut rest).ok()
 }
+
+/// Decodes a MessagePack section that starts with `format_version`, which must be
+/// `expected` (`version` reads it from the decoded value, for a writer that put it
+/// elsewhere). Another version is named as such rather than as undecodable, and the
+/// section is decoded once.
+pub(crate) fn decode_versioned<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    artifact: &'static str,
+    expected: u32,
+    version: impl Fn(&T) -> u32,
+) -> Result<T, Error> {
+    let wrong_version = |found| Error::FormatVersion {
+        artifact,
+        found,
+        expected,
+    };
+    if let Some(found) = leading_format_version(bytes)
+        && found != expected
+    {
+        return Err(wrong_version(found));
+    }
+    let decoded: T = rmp_serde::from_slice(bytes).map_err(|e| Error::Decode {
+        artifact,
+        message: e.to_string(),
+    })?;
+    match version(&decoded) {
+        found if found == expected => Ok(decoded),
+        found => Err(wrong_version(found)),
+    }
+}

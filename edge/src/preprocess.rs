@@ -625,25 +625,12 @@ impl Preprocessor {
 
     /// Decodes bytes written by [`Preprocessor::to_bytes`].
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, Error> {
-        let wrong_version = |found| Error::FormatVersion {
-            artifact: "preprocessor",
-            found,
-            expected: PREPROCESSOR_FORMAT_VERSION,
-        };
-        // Another version is named as such rather than as undecodable.
-        if let Some(found) = crate::leading_format_version(bytes)
-            && found != PREPROCESSOR_FORMAT_VERSION
-        {
-            return Err(wrong_version(found));
-        }
-        let preprocessor: Self = rmp_serde::from_slice(bytes).map_err(|e| Error::Decode {
-            artifact: "preprocessor",
-            message: e.to_string(),
-        })?;
-        if preprocessor.format_version != PREPROCESSOR_FORMAT_VERSION {
-            return Err(wrong_version(preprocessor.format_version));
-        }
-        Ok(preprocessor)
+        crate::decode_versioned(
+            bytes,
+            "preprocessor",
+            PREPROCESSOR_FORMAT_VERSION,
+            |preprocessor: &Self| preprocessor.format_version,
+        )
     }
 }
 

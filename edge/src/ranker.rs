@@ -659,23 +659,12 @@ impl RankerModel {
     /// Decodes [`RankerModel::to_bytes`]' encoding, checking the parts as
     /// [`RankerModel::new`] does.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, Error> {
-        let wrong_version = |found| Error::FormatVersion {
-            artifact: "ranker",
-            found,
-            expected: RANKER_FORMAT_VERSION,
-        };
-        if let Some(found) = crate::leading_format_version(bytes)
-            && found != RANKER_FORMAT_VERSION
-        {
-            return Err(wrong_version(found));
-        }
-        let stored: StoredRanker = rmp_serde::from_slice(bytes).map_err(|e| Error::Decode {
-            artifact: "ranker",
-            message: e.to_string(),
-        })?;
-        if stored.format_version != RANKER_FORMAT_VERSION {
-            return Err(wrong_version(stored.format_version));
-        }
+        let stored: StoredRanker = crate::decode_versioned(
+            bytes,
+            "ranker",
+            RANKER_FORMAT_VERSION,
+            |stored: &StoredRanker| stored.format_version,
+        )?;
         Self::new(
             stored.float_features,
             stored.cat_features,
