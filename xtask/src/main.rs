@@ -24,7 +24,7 @@ tasks:
   dist       build the edge module's two flavours (release, wasm-opt -Oz when binaryen is installed):
              the raw ABI into target/dist/edge.wasm, the wasm-bindgen browser build into
              target/dist/web/, and report their sizes
-  fuzz       [SECONDS] build a small bundle (once, cached), install nightly Rust and cargo-fuzz, then run the
+  fuzz       [SECONDS] train small models (once, cached), build a bundle from them, install nightly Rust and cargo-fuzz, then run the
              libFuzzer targets load_bundle, sections (each section decoder) and recommend for SECONDS each
              [default: 300]; findings land in fuzz/artifacts/
   fixtures   fetch MovieLens-100k and the all-MiniLM-L6-v2 title model into the cache
@@ -771,40 +771,47 @@ fn fuzz(args: &[OsString]) -> Result<()> {
     };
     let dir = cache_dir()?.join("fuzz");
     let bundles = dir.join("bundles");
-    let existing = || bundle_in(&bundles);
-    if existing().is_none() {
+    let step = release_control_plane()?;
+    let config = dir.join("edgerec.toml");
+    let path = |p: PathBuf| p.to_string_lossy().into_owned();
+    let (data, config, bundles_arg) = (path(dir.join("data")), path(config), path(bundles.clone()));
+    let trained = ["--data", &data, "--config", &config];
+    let mut steps: Vec<Vec<&str>> = Vec::new();
+    if !dir.join("data/split/ranker/ranker.json").exists() {
         std::fs::create_dir_all(&dir)?;
-        let step = release_control_plane()?;
-        let config = dir.join("edgerec.toml");
         std::fs::write(
             &config,
             "[two_tower]\nepochs = 1\n\n[ranker]\niterations = 50\n",
         )?;
-        let path = |p: PathBuf| p.to_string_lossy().into_owned();
-        let (data, config, bundles) = (path(dir.join("data")), path(config), path(bundles.clone()));
-        let trained = ["--data", &data, "--config", &config];
-        let steps: [Vec<&str>; 5] = [
+        steps.extend([
             [&["generate"][..], &FUZZ_DATA, &["--out", &data]].concat(),
             vec!["split", "--data", &data],
             [&["train", "two-tower"][..], &trained].concat(),
             [&["train", "ranker"][..], &trained].concat(),
-            [
-                &["bundle", "build"][..],
-                &trained,
-                &["--promoted", "1,2", "--out", &bundles],
-            ]
-            .concat(),
-        ];
-        for args in steps {
-            step(
-                &args
-                    .iter()
-                    .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
-                    .collect::<Vec<_>>(),
-            )?;
-        }
+        ]);
     }
-    let bundle = existing().context("the fuzz bundle was not written")?;
+    // Built again every run (a second) from the cached models, so that the seeds are in
+    // the current bundle formats.
+    if bundles.exists() {
+        std::fs::remove_dir_all(&bundles)?;
+    }
+    steps.push(
+        [
+            &["bundle", "build"][..],
+            &trained,
+            &["--promoted", "1,2", "--out", &bundles_arg],
+        ]
+        .concat(),
+    );
+    for args in steps {
+        step(
+            &args
+                .iter()
+                .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
+                .collect::<Vec<_>>(),
+        )?;
+    }
+    let bundle = bundle_in(&bundles).context("the fuzz bundle was not written")?;
 
     let toolchains = Command::new("rustup")
         .args(["toolchain", "list"])
