@@ -259,7 +259,6 @@ impl Lookups<'_> {
             recent_similarities: &similarities,
         };
         ranker_features(
-            preprocessor,
             &ViewerColumns::new(preprocessor, viewer),
             &context,
             &mut out.values,

@@ -202,21 +202,8 @@ enum BinaryFeature {
 /// The version of [`RankerModel::to_bytes`]' encoding.
 pub const RANKER_FORMAT_VERSION: u32 = 1;
 
-/// [`RankerModel::to_bytes`]' encoding, written from borrowed parts.
-#[derive(Serialize)]
-struct StoredRankerRef<'a> {
-    format_version: u32,
-    float_features: &'a [FloatFeature],
-    cat_features: &'a [CatFeature],
-    ctrs: &'a [Ctr],
-    ctr_tables: &'a [CtrTable],
-    trees: &'a [ObliviousTree],
-    scale: f64,
-    bias: f64,
-}
-
-/// [`StoredRankerRef`], read back.
-#[derive(Deserialize)]
+/// [`RankerModel::to_bytes`]' encoding: the arguments of [`RankerModel::new`].
+#[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StoredRanker {
     format_version: u32,
@@ -643,13 +630,14 @@ impl RankerModel {
     /// tools read; this form loads several times faster, as parsing the leaf values' decimal
     /// text was most of the JSON's load.
     pub fn to_bytes(&self) -> Vec<u8> {
-        rmp_serde::to_vec_named(&StoredRankerRef {
+        // A copy of the parts: written once, when a bundle is built.
+        rmp_serde::to_vec_named(&StoredRanker {
             format_version: RANKER_FORMAT_VERSION,
-            float_features: &self.float_features,
-            cat_features: &self.cat_features,
-            ctrs: &self.ctrs,
-            ctr_tables: &self.ctr_tables,
-            trees: &self.trees,
+            float_features: self.float_features.clone(),
+            cat_features: self.cat_features.clone(),
+            ctrs: self.ctrs.clone(),
+            ctr_tables: self.ctr_tables.clone(),
+            trees: self.trees.clone(),
             scale: self.scale,
             bias: self.bias,
         })

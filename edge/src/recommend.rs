@@ -1133,7 +1133,6 @@ impl Run {
                 );
             }
             ranker_features(
-                &rec.preprocessor,
                 &viewer,
                 &CandidateContext {
                     video,

@@ -155,6 +155,7 @@ pub struct CandidateContext<'a> {
 /// request's candidates (the hashes of its categorical values, its scaled age, its hour).
 #[derive(Debug, Clone, Copy)]
 pub struct ViewerColumns<'a> {
+    preprocessor: &'a Preprocessor,
     viewer: ViewerContext<'a>,
     country: FeatureValue,
     language: FeatureValue,
@@ -168,12 +169,13 @@ pub struct ViewerColumns<'a> {
 
 impl<'a> ViewerColumns<'a> {
     /// `viewer`'s columns as `preprocessor` scales them.
-    pub fn new(preprocessor: &Preprocessor, viewer: ViewerContext<'a>) -> Self {
+    pub fn new(preprocessor: &'a Preprocessor, viewer: ViewerContext<'a>) -> Self {
         let cat = |value: &str| FeatureValue::Cat(CatValue::new(value));
         let or_nan = |value: Option<f32>| FeatureValue::Float(value.unwrap_or(f32::NAN));
         let age = viewer.age.map(f64::from);
         let [hour_sin, hour_cos] = hour_cyclical(viewer.time);
         Self {
+            preprocessor,
             viewer,
             country: cat(viewer.country.unwrap_or("")),
             language: cat(viewer.language.unwrap_or("")),
@@ -187,13 +189,14 @@ impl<'a> ViewerColumns<'a> {
     }
 }
 
-/// Appends the row of `candidate` for `viewer` to `out`: [`COLUMNS`], in order.
+/// Appends the row of `candidate` for `viewer_columns`' viewer to `out`: [`COLUMNS`], in
+/// order, scaled by the preprocessor the viewer's columns were computed with.
 pub fn ranker_features(
-    preprocessor: &Preprocessor,
     viewer_columns: &ViewerColumns<'_>,
     candidate: &CandidateContext<'_>,
     out: &mut Vec<FeatureValue>,
 ) {
+    let preprocessor = viewer_columns.preprocessor;
     let viewer = &viewer_columns.viewer;
     let video = candidate.video;
     let cat = |value: &str| FeatureValue::Cat(CatValue::new(value));
@@ -366,12 +369,7 @@ mod tests {
             recent_similarities: &[0.5, 0.0],
         };
         let mut row = Vec::new();
-        ranker_features(
-            &pre,
-            &ViewerColumns::new(&pre, viewer),
-            &candidate,
-            &mut row,
-        );
+        ranker_features(&ViewerColumns::new(&pre, viewer), &candidate, &mut row);
         assert_eq!(row.len(), COLUMNS.len());
         for (value, (name, kind)) in row.iter().zip(COLUMNS) {
             let fits = matches!(
@@ -405,12 +403,7 @@ mod tests {
             FeatureValue::Float(0.01)
         );
         let mut again = Vec::new();
-        ranker_features(
-            &pre,
-            &ViewerColumns::new(&pre, viewer),
-            &candidate,
-            &mut again,
-        );
+        ranker_features(&ViewerColumns::new(&pre, viewer), &candidate, &mut again);
         assert_eq!(
             format!("{row:?}"),
             format!("{again:?}"),
@@ -455,12 +448,7 @@ mod tests {
             recent_similarities: &[],
         };
         let mut row = Vec::new();
-        ranker_features(
-            &pre,
-            &ViewerColumns::new(&pre, viewer),
-            &candidate,
-            &mut row,
-        );
+        ranker_features(&ViewerColumns::new(&pre, viewer), &candidate, &mut row);
         for name in [
             "age",
             "age_bucket",
