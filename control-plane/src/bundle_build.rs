@@ -106,7 +106,12 @@ pub fn build_bundle(inputs: &BundleInputs<'_>) -> Result<(Vec<u8>, BuiltBundle),
                 inputs.two_tower.join("report.json").display()
             ))
         })?;
-    UserTower::load(&tower, spec.clone()).map_err(part("user_tower.onnx"))?;
+    // The bundle's tower reads its large tables from a section of their own, in place.
+    let (tower, tower_tables) =
+        crate::onnx_export::cut_tower_tables(&tower, crate::onnx_export::INT8_MIN_ROWS)
+            .map_err(|e| BundleBuildError::Mismatch(format!("user_tower.onnx: {e}")))?;
+    UserTower::load_with_tables(&tower, Some(tower_tables.clone()), spec.clone())
+        .map_err(part("user_tower.onnx"))?;
     let ranker_bytes = read(inputs.ranker, "written by `control-plane train ranker`")?;
 
     // Every part loads as the edge will load it, and the parts agree with each other.
@@ -172,6 +177,7 @@ pub fn build_bundle(inputs: &BundleInputs<'_>) -> Result<(Vec<u8>, BuiltBundle),
 
     let sections = [
         (SectionKind::UserTower, tower),
+        (SectionKind::TowerTables, tower_tables.to_bytes()),
         (SectionKind::TowerSpec, spec.to_bytes()),
         // Opening validated the shard without changing its bytes.
         (SectionKind::Shard, shard.into_current_bytes()),

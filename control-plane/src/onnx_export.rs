@@ -21,6 +21,8 @@ use candle_core::Tensor;
 use prost::Message;
 use tract_onnx::pb;
 
+use edge::tower::TowerTables;
+
 use crate::two_tower::TwoTower;
 
 /// The opset the exported graph declares.
@@ -94,6 +96,9 @@ pub enum ExportError {
     /// Reading a weight failed.
     #[error("reading a weight failed: {0}")]
     Tensor(#[from] candle_core::Error),
+    /// The tower to cut is not an ONNX model this code can rewrite.
+    #[error("cannot cut the tower's tables: {0}")]
+    Cut(String),
 }
 
 struct Graph {
@@ -389,4 +394,178 @@ pub fn export_user_tower(model: &TwoTower, tables: TablePrecision) -> Result<Vec
         ..Default::default()
     };
     Ok(model.encode_to_vec())
+}
+
+/// The graph of `onnx` with its large embedding tables cut out, and those tables, as a
+/// bundle carries them (see `edge::tower::TowerTables`).
+///
+/// Each `Gather` (axis 0) of an initializer of at least `min_rows` rows, int8 or f32,
+/// by one of the signature's index inputs becomes a graph input named as the Gather's
+/// output, appended after the existing inputs; the table moves out of the graph. A table
+/// that any other node also reads stays. The cut graph computes the same values: the
+/// serving code gathers the same rows and the rest of the graph is untouched.
+pub fn cut_tower_tables(
+    onnx: &[u8],
+    min_rows: usize,
+) -> Result<(Vec<u8>, TowerTables), ExportError> {
+    use std::collections::{BTreeMap, HashSet};
+    let cut_error = |reason: String| ExportError::Cut(reason);
+    let mut model =
+        pb::ModelProto::decode(onnx).map_err(|e| cut_error(format!("not an ONNX model: {e}")))?;
+    let graph = model
+        .graph
+        .as_mut()
+        .ok_or_else(|| cut_error("the model has no graph".to_owned()))?;
+    let inputs: HashMap<String, pb::ValueInfoProto> = graph
+        .input
+        .iter()
+        .map(|input| (input.name.clone(), input.clone()))
+        .collect();
+    let initializers: HashMap<&str, &pb::TensorProto> = graph
+        .initializer
+        .iter()
+        .map(|tensor| (tensor.name.as_str(), tensor))
+        .collect();
+    let mut readers: HashMap<&str, usize> = HashMap::new();
+    for node in &graph.node {
+        for input in &node.input {
+            *readers.entry(input.as_str()).or_default() += 1;
+        }
+    }
+    let is_cut = |node: &pb::NodeProto| {
+        let axis_zero = node
+            .attribute
+            .iter()
+            .all(|attribute| attribute.name != "axis" || attribute.i == 0);
+        node.op_type == "Gather"
+            && node.domain.is_empty()
+            && axis_zero
+            && node.input.len() == 2
+            && node.output.len() == 1
+            && edge::tower::INDEX_INPUTS.contains(&node.input[1].as_str())
+            && inputs.contains_key(&node.input[1])
+            && !inputs.contains_key(&node.input[0])
+            && initializers
+                .get(node.input[0].as_str())
+                .is_some_and(|table| {
+                    table
+                        .dims
+                        .first()
+                        .is_some_and(|&rows| rows >= min_rows as i64)
+                        && (table.data_type == FLOAT || table.data_type == INT8)
+                })
+    };
+    // A table is cut only if every node that reads it is a cut Gather.
+    let mut cut_readers: HashMap<&str, usize> = HashMap::new();
+    for node in graph.node.iter().filter(|node| is_cut(node)) {
+        *cut_readers.entry(node.input[0].as_str()).or_default() += 1;
+    }
+    let cut_tables: HashSet<&str> = cut_readers
+        .iter()
+        .filter(|(table, count)| readers.get(*table) == Some(*count))
+        .map(|(table, _)| *table)
+        .collect();
+
+    let mut payload: Vec<u8> = Vec::new();
+    let mut offsets: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut layouts = Vec::new();
+    let mut new_inputs = Vec::new();
+    let mut cut_nodes = HashSet::new();
+    for (index, node) in graph.node.iter().enumerate() {
+        if !is_cut(node) || !cut_tables.contains(node.input[0].as_str()) {
+            continue;
+        }
+        let table = initializers[node.input[0].as_str()];
+        let element = if table.data_type == INT8 {
+            edge::tower::TableElement::I8
+        } else {
+            edge::tower::TableElement::F32
+        };
+        let offset = match offsets.get(table.name.as_str()) {
+            Some(&offset) => offset,
+            None => {
+                // f32 tables start on a 4-byte boundary of the payload.
+                payload.resize(payload.len().next_multiple_of(4), 0);
+                let offset = payload.len() as u64;
+                payload.extend(table_bytes(table)?);
+                offsets.insert(&table.name, offset);
+                offset
+            }
+        };
+        let row_shape: Vec<u64> = table.dims[1..].iter().map(|&d| d.max(0) as u64).collect();
+        let indices = &inputs[&node.input[1]];
+        let mut gathered = indices.clone();
+        gathered.name = node.output[0].clone();
+        if let Some(pb::type_proto::Value::TensorType(tensor)) =
+            gathered.r#type.as_mut().and_then(|t| t.value.as_mut())
+        {
+            tensor.elem_type = table.data_type;
+            if let Some(shape) = tensor.shape.as_mut() {
+                shape.dim.extend(
+                    row_shape
+                        .iter()
+                        .map(|&d| pb::tensor_shape_proto::Dimension {
+                            value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(
+                                d as i64,
+                            )),
+                            ..Default::default()
+                        }),
+                );
+            }
+        } else {
+            return Err(cut_error(format!(
+                "input {:?} has no tensor type",
+                indices.name
+            )));
+        }
+        new_inputs.push(gathered);
+        layouts.push(edge::tower::TableLayout {
+            indices: node.input[1].clone(),
+            gathered: node.output[0].clone(),
+            element,
+            rows: table.dims[0] as u64,
+            row_shape,
+            offset,
+        });
+        cut_nodes.insert(index);
+    }
+    let cut_table_names: HashSet<String> = cut_tables.iter().map(|t| (*t).to_owned()).collect();
+    let mut index = 0;
+    graph.node.retain(|_| {
+        index += 1;
+        !cut_nodes.contains(&(index - 1))
+    });
+    graph
+        .initializer
+        .retain(|tensor| !cut_table_names.contains(&tensor.name));
+    graph.input.extend(new_inputs);
+    let tables = TowerTables::new(layouts, payload).map_err(|e| cut_error(e.to_string()))?;
+    Ok((model.encode_to_vec(), tables))
+}
+
+/// An initializer's values as little-endian bytes, wherever the file keeps them.
+fn table_bytes(table: &pb::TensorProto) -> Result<Vec<u8>, ExportError> {
+    let values: usize = table.dims.iter().map(|&d| d.max(0) as usize).product();
+    let element_size = if table.data_type == INT8 { 1 } else { 4 };
+    let bytes = if !table.raw_data.is_empty() {
+        table.raw_data.clone()
+    } else if table.data_type == INT8 {
+        // ONNX keeps int8 values one per int32 when not raw.
+        table.int32_data.iter().map(|&v| v as i8 as u8).collect()
+    } else {
+        table
+            .float_data
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect()
+    };
+    if bytes.len() != values * element_size {
+        return Err(ExportError::Cut(format!(
+            "table {:?} holds {} bytes for dims {:?}",
+            table.name,
+            bytes.len(),
+            table.dims
+        )));
+    }
+    Ok(bytes)
 }

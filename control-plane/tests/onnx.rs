@@ -11,12 +11,13 @@ use control_plane::config::TwoTowerConfig;
 use control_plane::data::Dataset;
 use control_plane::eval::positives_by_user;
 use control_plane::onnx_export::{
-    TablePrecision, dequantized_rows, export_user_tower, quantizes_table,
+    INT8_MIN_ROWS, TablePrecision, cut_tower_tables, dequantized_rows, export_user_tower,
+    quantizes_table,
 };
 use control_plane::synthetic::{GeneratorConfig, generate};
 use control_plane::two_tower::TwoTower;
 use control_plane::two_tower::train;
-use edge::tower::{UserTower, Viewer, encode_user};
+use edge::tower::{TableElement, TowerTables, UserTower, Viewer, encode_user};
 use prost::Message;
 
 /// A tower trained once for all tests: its ONNX bytes, inputs and candle's outputs, with
@@ -255,6 +256,117 @@ fn int8_tables_serve_their_dequantized_rows_in_a_quarter_of_the_bytes() {
         fixture.onnx.len(),
         fixture.table_weights
     );
+}
+
+#[test]
+fn the_cut_tower_reads_its_tables_in_place_and_computes_the_same_bits() {
+    let fixture = fixture();
+    let spec = &fixture.spec;
+    for (onnx, element) in [
+        (&fixture.int8_onnx, TableElement::I8),
+        (&fixture.onnx, TableElement::F32),
+    ] {
+        let whole = UserTower::load(onnx, spec.clone())
+            .unwrap()
+            .embed(&fixture.inputs)
+            .unwrap();
+        let (cut, tables) = cut_tower_tables(onnx, INT8_MIN_ROWS).unwrap();
+        // The video and user tables (400 and 1,200 rows) leave the graph; the small
+        // vocabularies stay in it.
+        let cut_inputs: Vec<(&str, &str, TableElement)> = tables
+            .layouts()
+            .iter()
+            .map(|l| (l.indices.as_str(), l.gathered.as_str(), l.element))
+            .collect();
+        let expected: Vec<(&str, &str, TableElement)> = match element {
+            TableElement::I8 => vec![
+                (
+                    "history_videos",
+                    "pooled_videos.gathered.int8",
+                    TableElement::I8,
+                ),
+                (
+                    "history_videos",
+                    "pooled_videos.gathered.scales",
+                    TableElement::F32,
+                ),
+                ("user", "user_embedding.int8", TableElement::I8),
+                ("user", "user_embedding.scales", TableElement::F32),
+            ],
+            TableElement::F32 => vec![
+                (
+                    "history_videos",
+                    "pooled_videos.gathered",
+                    TableElement::F32,
+                ),
+                ("user", "user_embedding", TableElement::F32),
+            ],
+        };
+        assert_eq!(cut_inputs, expected);
+        let section = tables.to_bytes();
+        // The tables' bytes left the graph: it shrank by them, less a few names.
+        assert!(
+            cut.len() + section.len() < onnx.len() + 1024
+                && onnx.len() - cut.len() + 1024 > section.len(),
+            "cut graph {} + tables {} bytes against {} whole",
+            cut.len(),
+            section.len(),
+            onnx.len()
+        );
+        let tables = TowerTables::from_section(section.clone().into()).unwrap();
+        let tower = UserTower::load_with_tables(&cut, Some(tables), spec.clone()).unwrap();
+        let found = tower.embed(&fixture.inputs).unwrap();
+        assert!(
+            found
+                .iter()
+                .zip(&whole)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "largest difference to the whole graph: {}",
+            largest_difference(found.iter().copied(), &whole)
+        );
+
+        // A row outside a table is refused, as the whole graph's Gather refuses it.
+        let mut stranger = fixture.inputs[0].clone();
+        stranger.user = 1_000_000;
+        let err = tower.embed(std::slice::from_ref(&stranger)).unwrap_err();
+        assert!(err.to_string().contains("outside table"), "{err}");
+        // The cut graph needs its tables, and tables that do not fit it are refused.
+        let err = UserTower::load(&cut, spec.clone()).unwrap_err();
+        assert!(err.to_string().contains("followed by the tables"), "{err}");
+        let (other_cut, other_tables) = cut_tower_tables(
+            if element == TableElement::I8 {
+                &fixture.onnx
+            } else {
+                &fixture.int8_onnx
+            },
+            INT8_MIN_ROWS,
+        )
+        .unwrap();
+        assert!(UserTower::load_with_tables(&cut, Some(other_tables), spec.clone()).is_err());
+        drop(other_cut);
+
+        // Damage: every truncation is refused naming the section, never a panic.
+        for end in (0..section.len()).step_by(section.len() / 16 + 1) {
+            let err = TowerTables::from_section(section[..end].to_vec().into()).unwrap_err();
+            assert!(err.to_string().contains("tower_tables"), "{end}: {err}");
+        }
+        // The format version is the header's first value (fixmap, fixstr of 14, fixint).
+        let mut newer = section.clone();
+        assert_eq!(newer[16], 1);
+        newer[16] = 2;
+        assert!(matches!(
+            TowerTables::from_section(newer.into()),
+            Err(edge::Error::FormatVersion {
+                found: 2,
+                expected: 1,
+                ..
+            })
+        ));
+    }
+    // Nothing to cut below the row floor: the graph comes back whole.
+    let (uncut, none) = cut_tower_tables(&fixture.int8_onnx, 1_000_000).unwrap();
+    assert!(none.layouts().is_empty());
+    assert_eq!(uncut.len(), fixture.int8_onnx.len());
 }
 
 const REFEREE: &str = r#"

@@ -46,6 +46,9 @@ pub const BUNDLE_FORMAT_VERSION: u32 = 2;
 pub enum SectionKind {
     /// The user tower as ONNX.
     UserTower,
+    /// The embedding tables cut out of the user tower's graph (`tower::TowerTables`);
+    /// optional, and without it the tower's graph holds all its tables.
+    TowerTables,
     /// What the user tower was trained with (`tower::UserTowerSpec`, MessagePack):
     /// history length, recency decay, output dimension.
     TowerSpec,
@@ -65,8 +68,9 @@ pub enum SectionKind {
 
 impl SectionKind {
     /// Every kind, in the order the builder writes them.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::UserTower,
+        Self::TowerTables,
         Self::TowerSpec,
         Self::Shard,
         Self::Ranker,
@@ -80,6 +84,7 @@ impl SectionKind {
     pub fn name(self) -> &'static str {
         match self {
             Self::UserTower => "user_tower",
+            Self::TowerTables => "tower_tables",
             Self::TowerSpec => "tower_spec",
             Self::Shard => "shard",
             Self::Ranker => "ranker",

@@ -37,7 +37,7 @@ use crate::ranker::features::{
 use crate::ranker::{FeatureValue, RankerModel, RankerScratch};
 use crate::rules::{BusinessRules, Experiments};
 use crate::shard::{SearchScratch, Shard};
-use crate::tower::{UserTower, UserTowerSpec, Viewer, encode_user};
+use crate::tower::{TowerTables, UserTower, UserTowerSpec, Viewer, encode_user};
 
 thread_local! {
     static SEARCH_SCRATCH: std::cell::RefCell<SearchScratch> = std::cell::RefCell::default();
@@ -339,22 +339,33 @@ impl Recommender {
     pub fn from_bundle(bytes: &[u8]) -> Result<Self, Error> {
         let view = BundleView::parse(bytes)?;
         let shard = Bytes::copy_from_slice(view.require(SectionKind::Shard)?);
-        Self::from_view(view, shard)
+        let tables = view
+            .section(SectionKind::TowerTables)
+            .map(Bytes::copy_from_slice);
+        Self::from_view(view, shard, tables)
     }
 
     /// [`Recommender::from_bundle`] for a bundle the caller hands over: the shard is
-    /// searched where it lies in `bundle` instead of being copied out (the buffer stays
-    /// alive as long as the recommender).
+    /// searched, and the tower's tables read, where they lie in `bundle` instead of being
+    /// copied out (the buffer stays alive as long as the recommender).
     pub fn from_shared_bundle(bundle: Bytes) -> Result<Self, Error> {
         let view = BundleView::parse(&bundle)?;
         let shard = bundle.slice_ref(view.require(SectionKind::Shard)?);
-        Self::from_view(view, shard)
+        let tables = view
+            .section(SectionKind::TowerTables)
+            .map(|section| bundle.slice_ref(section));
+        Self::from_view(view, shard, tables)
     }
 
-    /// `shard` holds the bytes of `view`'s shard section.
-    fn from_view(view: BundleView<'_>, shard: Bytes) -> Result<Self, Error> {
+    /// `shard` and `tables` hold the bytes of `view`'s shard and tower-tables sections.
+    fn from_view(view: BundleView<'_>, shard: Bytes, tables: Option<Bytes>) -> Result<Self, Error> {
         let spec = UserTowerSpec::from_bytes(view.require(SectionKind::TowerSpec)?)?;
-        let tower = UserTower::load(view.require(SectionKind::UserTower)?, spec.clone())?;
+        let tables = tables.map(TowerTables::from_section).transpose()?;
+        let tower = UserTower::load_with_tables(
+            view.require(SectionKind::UserTower)?,
+            tables,
+            spec.clone(),
+        )?;
         // The bundle's section hash already covered these bytes.
         let shard = Shard::open_verified(shard)?;
         if shard.dim() != spec.output_dim {

@@ -18,7 +18,15 @@
 //! | `dense` | f32 | [B, 1] | age z-score (0 when unknown) |
 //!
 //! Output `embedding`: f32 [B, D], L2-normalised.
+//!
+//! A bundle may carry the tower with its large embedding tables cut out of the graph
+//! ([`TowerTables`], the `tower_tables` section): each `Gather` of such a table by one of
+//! the inputs above became a graph input of its own, which [`UserTower::embed`] fills
+//! with the rows it reads from the section where it lies. The graph then computes the
+//! same values with the same ops, but a cold start no longer has tract read, copy and
+//! keep megabytes of table that a request reads a few dozen rows of.
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::preprocess::Preprocessor;
@@ -144,10 +152,239 @@ pub fn encode_user<'c>(
     input
 }
 
+/// Version of the `tower_tables` section this build reads and writes.
+pub const TOWER_TABLES_FORMAT_VERSION: u32 = 1;
+
+/// The inputs of the signature above that pick table rows, i.e. that a cut-out table may
+/// be indexed by.
+pub const INDEX_INPUTS: [&str; 6] = [
+    "history_videos",
+    "history_categories",
+    "country",
+    "language",
+    "age_bucket",
+    "user",
+];
+
+/// How a cut-out table's values are stored (little-endian).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TableElement {
+    /// Signed bytes.
+    I8,
+    /// 32-bit floats.
+    F32,
+}
+
+impl TableElement {
+    /// Bytes per value.
+    pub fn size(self) -> usize {
+        match self {
+            Self::I8 => 1,
+            Self::F32 => 4,
+        }
+    }
+}
+
+/// An embedding table cut out of the tower's graph.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableLayout {
+    /// The tower input whose values pick the rows (one of [`INDEX_INPUTS`]).
+    pub indices: String,
+    /// The graph input that takes the gathered rows: the indices' shape followed by
+    /// `row_shape`.
+    pub gathered: String,
+    /// How the values are stored.
+    pub element: TableElement,
+    /// Number of rows.
+    pub rows: u64,
+    /// The shape of one row.
+    pub row_shape: Vec<u64>,
+    /// Where the table starts in the section's payload, in bytes.
+    pub offset: u64,
+}
+
+impl TableLayout {
+    /// Values per row.
+    fn row_values(&self) -> Option<usize> {
+        self.row_shape.iter().try_fold(1usize, |product, &d| {
+            product.checked_mul(usize::try_from(d).ok()?)
+        })
+    }
+
+    /// The table's bytes in the payload, if they fit.
+    fn byte_range(&self, payload_len: usize) -> Option<std::ops::Range<usize>> {
+        let row_bytes = self.row_values()?.checked_mul(self.element.size())?;
+        let length = row_bytes.checked_mul(usize::try_from(self.rows).ok()?)?;
+        let start = usize::try_from(self.offset).ok()?;
+        let end = start.checked_add(length)?;
+        (end <= payload_len).then_some(start..end)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TablesHeader {
+    format_version: u32,
+    tables: Vec<TableLayout>,
+}
+
+/// The tower's cut-out tables: a MessagePack header (format version, layouts) followed
+/// by one bin of all the tables' bytes, which serving reads in place.
+#[derive(Debug, Clone)]
+pub struct TowerTables {
+    layouts: Vec<TableLayout>,
+    payload: Bytes,
+}
+
+fn tables_error(reason: impl std::fmt::Display) -> crate::Error {
+    crate::Error::InvalidBundle {
+        section: Some("tower_tables"),
+        reason: reason.to_string(),
+    }
+}
+
+impl TowerTables {
+    /// Tables laid out in `payload` as `layouts` say; refuses layouts that overrun the
+    /// payload, name an input that picks no rows, or repeat a graph input.
+    pub fn new(layouts: Vec<TableLayout>, payload: impl Into<Bytes>) -> Result<Self, crate::Error> {
+        let payload = payload.into();
+        let mut gathered = std::collections::BTreeSet::new();
+        for layout in &layouts {
+            if !INDEX_INPUTS.contains(&layout.indices.as_str()) {
+                return Err(tables_error(format!(
+                    "indexes table {:?} by {:?}, which is not a tower input that picks rows",
+                    layout.gathered, layout.indices
+                )));
+            }
+            if layout.byte_range(payload.len()).is_none() {
+                return Err(tables_error(format!(
+                    "places table {:?} ({} rows of {:?} {:?} from byte {}) beyond its {} bytes of tables",
+                    layout.gathered,
+                    layout.rows,
+                    layout.row_shape,
+                    layout.element,
+                    layout.offset,
+                    payload.len()
+                )));
+            }
+            if !gathered.insert(layout.gathered.as_str()) {
+                return Err(tables_error(format!(
+                    "feeds the graph input {:?} from two tables",
+                    layout.gathered
+                )));
+            }
+        }
+        Ok(Self { layouts, payload })
+    }
+
+    /// The tables, in the order of the graph inputs they feed.
+    pub fn layouts(&self) -> &[TableLayout] {
+        &self.layouts
+    }
+
+    /// The section's bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let header = TablesHeader {
+            format_version: TOWER_TABLES_FORMAT_VERSION,
+            tables: self.layouts.clone(),
+        };
+        let mut out = rmp_serde::to_vec_named(&header).expect("a tables header always serializes");
+        let length = u32::try_from(self.payload.len()).expect("tables under 4 GiB");
+        rmp::encode::write_bin_len(&mut out, length).expect("writing to a Vec cannot fail");
+        out.extend_from_slice(&self.payload);
+        out
+    }
+
+    /// Reads the section `section`, keeping the tables where they lie in it.
+    pub fn from_section(section: Bytes) -> Result<Self, crate::Error> {
+        if let Some(found) = crate::leading_format_version(&section)
+            && found != TOWER_TABLES_FORMAT_VERSION
+        {
+            return Err(crate::Error::FormatVersion {
+                artifact: "tower tables",
+                found,
+                expected: TOWER_TABLES_FORMAT_VERSION,
+            });
+        }
+        let mut rest: &[u8] = &section;
+        let header: TablesHeader = rmp_serde::decode::from_read(&mut rest)
+            .map_err(|e| tables_error(format!("has an unreadable header: {e}")))?;
+        if header.format_version != TOWER_TABLES_FORMAT_VERSION {
+            return Err(crate::Error::FormatVersion {
+                artifact: "tower tables",
+                found: header.format_version,
+                expected: TOWER_TABLES_FORMAT_VERSION,
+            });
+        }
+        let length = rmp::decode::read_bin_len(&mut rest)
+            .map_err(|_| tables_error("has no table bytes after its header"))?;
+        if rest.len() != length as usize {
+            return Err(tables_error(format!(
+                "holds {} bytes of tables, its header says {length}",
+                rest.len()
+            )));
+        }
+        Self::new(header.tables, section.slice_ref(rest))
+    }
+
+    /// The rows of `layout` picked by `indices`, as a tensor of `shape` + the row shape.
+    fn gather(
+        &self,
+        layout: &TableLayout,
+        shape: &[usize],
+        indices: &[i64],
+    ) -> Result<tract_onnx::prelude::Tensor, crate::Error> {
+        use tract_onnx::prelude::Tensor;
+        let range = layout
+            .byte_range(self.payload.len())
+            .expect("checked when the tables were read");
+        let table = &self.payload[range];
+        let row_values = layout
+            .row_values()
+            .expect("checked when the tables were read");
+        let row_bytes = row_values * layout.element.size();
+        let mut full_shape = shape.to_vec();
+        full_shape.extend(layout.row_shape.iter().map(|&d| d as usize));
+        let mut bytes = Vec::with_capacity(indices.len() * row_bytes);
+        for &index in indices {
+            let row = usize::try_from(index)
+                .ok()
+                .filter(|&row| (row as u64) < layout.rows)
+                .ok_or_else(|| {
+                    tower_error(
+                        "input",
+                        format!(
+                            "{} row {index} is outside table {:?} of {} rows",
+                            layout.indices, layout.gathered, layout.rows
+                        ),
+                    )
+                })?;
+            bytes.extend_from_slice(&table[row * row_bytes..(row + 1) * row_bytes]);
+        }
+        let tensor = match layout.element {
+            TableElement::I8 => {
+                let values: Vec<i8> = bytes.iter().map(|&b| b as i8).collect();
+                Tensor::from_shape(&full_shape, &values)
+            }
+            TableElement::F32 => {
+                let values: Vec<f32> = bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                Tensor::from_shape(&full_shape, &values)
+            }
+        };
+        tensor.map_err(|e| tower_error("input", e))
+    }
+}
+
 /// The user tower, parsed and optimised once (at bundle load) and then only run.
 pub struct UserTower {
     model: std::sync::Arc<tract_onnx::prelude::TypedRunnableModel>,
     spec: UserTowerSpec,
+    tables: Option<TowerTables>,
 }
 
 impl std::fmt::Debug for UserTower {
@@ -157,6 +394,9 @@ impl std::fmt::Debug for UserTower {
             .finish()
     }
 }
+
+/// Inputs of the tensor signature in the module table.
+const SIGNATURE_INPUTS: usize = 8;
 
 fn tower_error(stage: &str, error: impl std::fmt::Display) -> crate::Error {
     crate::Error::Decode {
@@ -168,6 +408,16 @@ fn tower_error(stage: &str, error: impl std::fmt::Display) -> crate::Error {
 impl UserTower {
     /// Parses the ONNX bytes and optimises the graph for any batch size.
     pub fn load(bytes: &[u8], spec: UserTowerSpec) -> Result<Self, crate::Error> {
+        Self::load_with_tables(bytes, None, spec)
+    }
+
+    /// [`UserTower::load`] for a graph whose tables `tables` holds: its inputs must be
+    /// the signature's eight followed by one per table, in the tables' order.
+    pub fn load_with_tables(
+        bytes: &[u8],
+        tables: Option<TowerTables>,
+        spec: UserTowerSpec,
+    ) -> Result<Self, crate::Error> {
         use tract_onnx::prelude::*;
         let model = onnx()
             .model_for_read(&mut &bytes[..])
@@ -176,7 +426,33 @@ impl UserTower {
             .map_err(|e| tower_error("cannot optimise", e))?
             .into_runnable()
             .map_err(|e| tower_error("cannot plan", e))?;
-        Ok(Self { model, spec })
+        let graph = model.model();
+        let input_names: Vec<&str> = graph
+            .input_outlets()
+            .map_err(|e| tower_error("inputs", e))?
+            .iter()
+            .map(|outlet| graph.node(outlet.node).name.as_str())
+            .collect();
+        let table_inputs: Vec<&str> = tables
+            .iter()
+            .flat_map(|t| t.layouts.iter().map(|l| l.gathered.as_str()))
+            .collect();
+        if input_names.len() != SIGNATURE_INPUTS + table_inputs.len()
+            || input_names[SIGNATURE_INPUTS.min(input_names.len())..] != table_inputs[..]
+        {
+            return Err(tower_error(
+                "inputs",
+                format!(
+                    "the graph takes {input_names:?}; expected the {SIGNATURE_INPUTS} of the \
+                     signature followed by the tables' {table_inputs:?}"
+                ),
+            ));
+        }
+        Ok(Self {
+            model,
+            spec,
+            tables,
+        })
     }
 
     /// What the tower was trained with.
@@ -215,7 +491,7 @@ impl UserTower {
             .flat_map(|i| i.history_weights.iter().copied())
             .collect();
         let dense: Vec<f32> = inputs.iter().map(|i| i.dense[0]).collect();
-        let tensors: TVec<TValue> = tvec![
+        let mut tensors: TVec<TValue> = tvec![
             shaped(&[n, h], ints(&|i| &i.history_videos))?.into(),
             shaped(&[n, h], ints(&|i| &i.history_categories))?.into(),
             Tensor::from_shape(&[n, h], &weights)
@@ -229,6 +505,20 @@ impl UserTower {
                 .map_err(|e| tower_error("input", e))?
                 .into(),
         ];
+        if let Some(tables) = &self.tables {
+            for layout in &tables.layouts {
+                let (shape, indices) = match layout.indices.as_str() {
+                    "history_videos" => (vec![n, h], ints(&|i| &i.history_videos)),
+                    "history_categories" => (vec![n, h], ints(&|i| &i.history_categories)),
+                    "country" => (vec![n], scalar(&|i| i.country)),
+                    "language" => (vec![n], scalar(&|i| i.language)),
+                    "age_bucket" => (vec![n], scalar(&|i| i.age_bucket)),
+                    "user" => (vec![n], scalar(&|i| i.user)),
+                    other => unreachable!("TowerTables::new refuses index input {other:?}"),
+                };
+                tensors.push(tables.gather(layout, &shape, &indices)?.into());
+            }
+        }
         let outputs = self.model.run(tensors).map_err(|e| tower_error("run", e))?;
         let view = outputs[0]
             .to_plain_array_view::<f32>()
@@ -314,6 +604,50 @@ mod tests {
         recency_decay: 0.5,
         output_dim: 4,
     };
+
+    fn layout(indices: &str, gathered: &str, rows: u64, offset: u64) -> TableLayout {
+        TableLayout {
+            indices: indices.into(),
+            gathered: gathered.into(),
+            element: TableElement::F32,
+            rows,
+            row_shape: vec![2],
+            offset,
+        }
+    }
+
+    #[test]
+    fn tables_that_do_not_fit_their_bytes_or_the_signature_are_refused() {
+        // Two tables of 3 rows of two f32: 24 bytes each.
+        let payload = vec![0u8; 48];
+        let good = vec![
+            layout("user", "u", 3, 0),
+            layout("history_videos", "h", 3, 24),
+        ];
+        let tables = TowerTables::new(good.clone(), payload.clone()).unwrap();
+        let read = TowerTables::from_section(tables.to_bytes().into()).unwrap();
+        assert_eq!(read.layouts(), &good[..]);
+        let refused = |layouts: Vec<TableLayout>| {
+            TowerTables::new(layouts, payload.clone())
+                .unwrap_err()
+                .to_string()
+        };
+        let overrun = refused(vec![layout("user", "u", 3, 25)]);
+        assert!(overrun.contains("beyond its 48 bytes"), "{overrun}");
+        let huge = refused(vec![layout("user", "u", u64::MAX, 0)]);
+        assert!(huge.contains("beyond"), "{huge}");
+        let not_an_index = refused(vec![layout("dense", "d", 1, 0)]);
+        assert!(not_an_index.contains("not a tower input"), "{not_an_index}");
+        let twice = refused(vec![
+            layout("user", "u", 1, 0),
+            layout("country", "u", 1, 0),
+        ]);
+        assert!(twice.contains("from two tables"), "{twice}");
+        assert!(
+            twice.starts_with("invalid bundle: section `tower_tables`"),
+            "{twice}"
+        );
+    }
 
     #[test]
     fn newest_first_with_normalised_recency_weights() {

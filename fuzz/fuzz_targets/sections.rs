@@ -10,7 +10,7 @@ use edge::preprocess::Preprocessor;
 use edge::ranker::RankerModel;
 use edge::rules::{BusinessRules, Experiments};
 use edge::shard::Shard;
-use edge::tower::{UserTower, UserTowerSpec};
+use edge::tower::{TowerTables, UserTower, UserTowerSpec};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &[u8]| {
@@ -27,6 +27,7 @@ fuzz_target!(|input: &[u8]| {
             };
             let _ = UserTower::load(bytes, spec);
         }
+        SectionKind::TowerTables => drop(TowerTables::from_section(bytes.to_vec().into())),
         SectionKind::TowerSpec => drop(UserTowerSpec::from_bytes(bytes)),
         SectionKind::Shard => {
             // Without the checksum, as the serving path opens a bundle's shard: the

@@ -44,7 +44,7 @@ fn load_breakdown(bundle: &[u8]) -> anyhow::Result<()> {
     use edge::preprocess::Preprocessor;
     use edge::ranker::RankerModel;
     use edge::shard::Shard;
-    use edge::tower::{UserTower, UserTowerSpec};
+    use edge::tower::{TowerTables, UserTower, UserTowerSpec};
 
     let shared = bytes::Bytes::copy_from_slice(bundle);
     let view = BundleView::parse(&shared)?;
@@ -66,10 +66,12 @@ fn load_breakdown(bundle: &[u8]) -> anyhow::Result<()> {
         (
             "user tower (tract: parse, optimise)",
             time(&mut || {
-                Ok(
-                    UserTower::load(view.require(SectionKind::UserTower)?, spec.clone())
-                        .map(drop)?,
-                )
+                let tables = view
+                    .section(SectionKind::TowerTables)
+                    .map(|section| TowerTables::from_section(shared.slice_ref(section)))
+                    .transpose()?;
+                let tower = view.require(SectionKind::UserTower)?;
+                Ok(UserTower::load_with_tables(tower, tables, spec.clone()).map(drop)?)
             })?,
         ),
         (
