@@ -203,8 +203,16 @@ fn synthetic_data_from_generation_to_fitted_preprocessing() {
         view.require(edge::bundle::SectionKind::TowerSpec).unwrap(),
     )
     .unwrap();
-    let tower = edge::tower::UserTower::load(
+    // The bundle's tower reads its large tables from their own section.
+    let tables = edge::tower::TowerTables::from_section(bytes::Bytes::copy_from_slice(
+        view.require(edge::bundle::SectionKind::TowerTables)
+            .unwrap(),
+    ))
+    .unwrap();
+    assert!(!tables.layouts().is_empty());
+    let tower = edge::tower::UserTower::load_with_tables(
         view.require(edge::bundle::SectionKind::UserTower).unwrap(),
+        Some(tables),
         spec.clone(),
     )
     .unwrap();
