@@ -409,29 +409,22 @@ pub fn cut_tower_tables(
     min_rows: usize,
 ) -> Result<(Vec<u8>, TowerTables), ExportError> {
     use std::collections::{BTreeMap, HashSet};
-    let cut_error = |reason: String| ExportError::Cut(reason);
-    let mut model =
-        pb::ModelProto::decode(onnx).map_err(|e| cut_error(format!("not an ONNX model: {e}")))?;
+    let mut model = pb::ModelProto::decode(onnx)
+        .map_err(|e| ExportError::Cut(format!("not an ONNX model: {e}")))?;
     let graph = model
         .graph
         .as_mut()
-        .ok_or_else(|| cut_error("the model has no graph".to_owned()))?;
-    let inputs: HashMap<String, pb::ValueInfoProto> = graph
+        .ok_or_else(|| ExportError::Cut("the model has no graph".to_owned()))?;
+    let inputs: HashMap<&str, &pb::ValueInfoProto> = graph
         .input
         .iter()
-        .map(|input| (input.name.clone(), input.clone()))
+        .map(|input| (input.name.as_str(), input))
         .collect();
     let initializers: HashMap<&str, &pb::TensorProto> = graph
         .initializer
         .iter()
         .map(|tensor| (tensor.name.as_str(), tensor))
         .collect();
-    let mut readers: HashMap<&str, usize> = HashMap::new();
-    for node in &graph.node {
-        for input in &node.input {
-            *readers.entry(input.as_str()).or_default() += 1;
-        }
-    }
     let is_cut = |node: &pb::NodeProto| {
         let axis_zero = node
             .attribute
@@ -443,8 +436,8 @@ pub fn cut_tower_tables(
             && node.input.len() == 2
             && node.output.len() == 1
             && edge::tower::INDEX_INPUTS.contains(&node.input[1].as_str())
-            && inputs.contains_key(&node.input[1])
-            && !inputs.contains_key(&node.input[0])
+            && inputs.contains_key(node.input[1].as_str())
+            && !inputs.contains_key(node.input[0].as_str())
             && initializers
                 .get(node.input[0].as_str())
                 .is_some_and(|table| {
@@ -455,26 +448,30 @@ pub fn cut_tower_tables(
                         && (table.data_type == FLOAT || table.data_type == INT8)
                 })
     };
-    // A table is cut only if every node that reads it is a cut Gather.
-    let mut cut_readers: HashMap<&str, usize> = HashMap::new();
-    for node in graph.node.iter().filter(|node| is_cut(node)) {
-        *cut_readers.entry(node.input[0].as_str()).or_default() += 1;
-    }
-    let cut_tables: HashSet<&str> = cut_readers
+    let gathers: Vec<&pb::NodeProto> = graph.node.iter().filter(|node| is_cut(node)).collect();
+    // A table is cut only if every node that reads it is such a Gather.
+    let reads = |table: &str, nodes: &[&pb::NodeProto]| {
+        nodes
+            .iter()
+            .flat_map(|node| &node.input)
+            .filter(|input| *input == table)
+            .count()
+    };
+    let all_nodes: Vec<&pb::NodeProto> = graph.node.iter().collect();
+    let cut_tables: HashSet<&str> = gathers
         .iter()
-        .filter(|(table, count)| readers.get(*table) == Some(*count))
-        .map(|(table, _)| *table)
+        .map(|node| node.input[0].as_str())
+        .filter(|table| reads(table, &gathers) == reads(table, &all_nodes))
         .collect();
 
     let mut payload: Vec<u8> = Vec::new();
     let mut offsets: BTreeMap<&str, u64> = BTreeMap::new();
     let mut layouts = Vec::new();
     let mut new_inputs = Vec::new();
-    let mut cut_nodes = HashSet::new();
-    for (index, node) in graph.node.iter().enumerate() {
-        if !is_cut(node) || !cut_tables.contains(node.input[0].as_str()) {
-            continue;
-        }
+    for node in gathers
+        .iter()
+        .filter(|node| cut_tables.contains(node.input[0].as_str()))
+    {
         let table = initializers[node.input[0].as_str()];
         let element = if table.data_type == INT8 {
             edge::tower::TableElement::I8
@@ -493,30 +490,27 @@ pub fn cut_tower_tables(
             }
         };
         let row_shape: Vec<u64> = table.dims[1..].iter().map(|&d| d.max(0) as u64).collect();
-        let indices = &inputs[&node.input[1]];
+        let indices = inputs[node.input[1].as_str()];
         let mut gathered = indices.clone();
         gathered.name = node.output[0].clone();
-        if let Some(pb::type_proto::Value::TensorType(tensor)) =
+        let Some(pb::type_proto::Value::TensorType(tensor)) =
             gathered.r#type.as_mut().and_then(|t| t.value.as_mut())
-        {
-            tensor.elem_type = table.data_type;
-            if let Some(shape) = tensor.shape.as_mut() {
-                shape.dim.extend(
-                    row_shape
-                        .iter()
-                        .map(|&d| pb::tensor_shape_proto::Dimension {
-                            value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(
-                                d as i64,
-                            )),
-                            ..Default::default()
-                        }),
-                );
-            }
-        } else {
-            return Err(cut_error(format!(
+        else {
+            return Err(ExportError::Cut(format!(
                 "input {:?} has no tensor type",
                 indices.name
             )));
+        };
+        tensor.elem_type = table.data_type;
+        if let Some(shape) = tensor.shape.as_mut() {
+            shape.dim.extend(
+                row_shape
+                    .iter()
+                    .map(|&d| pb::tensor_shape_proto::Dimension {
+                        value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(d as i64)),
+                        ..Default::default()
+                    }),
+            );
         }
         new_inputs.push(gathered);
         layouts.push(edge::tower::TableLayout {
@@ -527,19 +521,22 @@ pub fn cut_tower_tables(
             row_shape,
             offset,
         });
-        cut_nodes.insert(index);
     }
-    let cut_table_names: HashSet<String> = cut_tables.iter().map(|t| (*t).to_owned()).collect();
-    let mut index = 0;
-    graph.node.retain(|_| {
-        index += 1;
-        !cut_nodes.contains(&(index - 1))
+    // What the cut removes, named by what it added: each Gather by the graph input that
+    // replaces its output, each table by its name.
+    let cut_outputs: HashSet<String> = layouts.iter().map(|l| l.gathered.clone()).collect();
+    let cut_tables: HashSet<String> = offsets.keys().map(|t| (*t).to_owned()).collect();
+    graph.node.retain(|node| {
+        !node
+            .output
+            .iter()
+            .any(|output| cut_outputs.contains(output))
     });
     graph
         .initializer
-        .retain(|tensor| !cut_table_names.contains(&tensor.name));
+        .retain(|tensor| !cut_tables.contains(&tensor.name));
     graph.input.extend(new_inputs);
-    let tables = TowerTables::new(layouts, payload).map_err(|e| cut_error(e.to_string()))?;
+    let tables = TowerTables::new(layouts, payload).map_err(|e| ExportError::Cut(e.to_string()))?;
     Ok((model.encode_to_vec(), tables))
 }
 

@@ -45,8 +45,8 @@ pub(crate) fn leading_format_version(bytes: &[u8]) -> Option<u32> {
 /// `expected` (`version` reads it from the decoded value, for a writer that put it
 /// elsewhere). Another version is named as such rather than as undecodable, and the
 /// section is decoded once.
-pub(crate) fn decode_versioned<T: serde::de::DeserializeOwned>(
-    bytes: &[u8],
+pub(crate) fn decode_versioned<'a, T: serde::Deserialize<'a>>(
+    bytes: &'a [u8],
     artifact: &'static str,
     expected: u32,
     version: impl Fn(&T) -> u32,

@@ -223,15 +223,23 @@ impl TableLayout {
     }
 }
 
+/// The section's encoding: the tables' bytes are one MessagePack `bin`, which decoding
+/// borrows, so that serving reads them where they lie in the bundle.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TablesHeader {
+struct StoredTables<'a> {
     format_version: u32,
     tables: Vec<TableLayout>,
+    #[serde(borrow, serialize_with = "as_bin")]
+    payload: &'a [u8],
 }
 
-/// The tower's cut-out tables: a MessagePack header (format version, layouts) followed
-/// by one bin of all the tables' bytes, which serving reads in place.
+fn as_bin<S: serde::Serializer>(bytes: &&[u8], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_bytes(bytes)
+}
+
+/// The tower's cut-out tables: their layouts and all their bytes, which serving reads in
+/// place.
 #[derive(Debug, Clone)]
 pub struct TowerTables {
     layouts: Vec<TableLayout>,
@@ -284,49 +292,26 @@ impl TowerTables {
         &self.layouts
     }
 
-    /// The section's bytes.
+    /// The section's bytes: MessagePack of the format version, the layouts and the
+    /// tables' bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let header = TablesHeader {
+        rmp_serde::to_vec_named(&StoredTables {
             format_version: TOWER_TABLES_FORMAT_VERSION,
             tables: self.layouts.clone(),
-        };
-        let mut out = rmp_serde::to_vec_named(&header).expect("a tables header always serializes");
-        let length = u32::try_from(self.payload.len()).expect("tables under 4 GiB");
-        rmp::encode::write_bin_len(&mut out, length).expect("writing to a Vec cannot fail");
-        out.extend_from_slice(&self.payload);
-        out
+            payload: &self.payload,
+        })
+        .expect("tables always serialize")
     }
 
     /// Reads the section `section`, keeping the tables where they lie in it.
     pub fn from_section(section: Bytes) -> Result<Self, crate::Error> {
-        if let Some(found) = crate::leading_format_version(&section)
-            && found != TOWER_TABLES_FORMAT_VERSION
-        {
-            return Err(crate::Error::FormatVersion {
-                artifact: "tower tables",
-                found,
-                expected: TOWER_TABLES_FORMAT_VERSION,
-            });
-        }
-        let mut rest: &[u8] = &section;
-        let header: TablesHeader = rmp_serde::decode::from_read(&mut rest)
-            .map_err(|e| tables_error(format!("has an unreadable header: {e}")))?;
-        if header.format_version != TOWER_TABLES_FORMAT_VERSION {
-            return Err(crate::Error::FormatVersion {
-                artifact: "tower tables",
-                found: header.format_version,
-                expected: TOWER_TABLES_FORMAT_VERSION,
-            });
-        }
-        let length = rmp::decode::read_bin_len(&mut rest)
-            .map_err(|_| tables_error("has no table bytes after its header"))?;
-        if rest.len() != length as usize {
-            return Err(tables_error(format!(
-                "holds {} bytes of tables, its header says {length}",
-                rest.len()
-            )));
-        }
-        Self::new(header.tables, section.slice_ref(rest))
+        let stored: StoredTables<'_> = crate::decode_versioned(
+            &section,
+            "tower_tables",
+            TOWER_TABLES_FORMAT_VERSION,
+            |stored: &StoredTables<'_>| stored.format_version,
+        )?;
+        Self::new(stored.tables, section.slice_ref(stored.payload))
     }
 
     /// The rows of `layout` picked by `indices`, as a tensor of `shape` + the row shape.
@@ -347,30 +332,36 @@ impl TowerTables {
         let row_bytes = row_values * layout.element.size();
         let mut full_shape = shape.to_vec();
         full_shape.extend(layout.row_shape.iter().map(|&d| d as usize));
-        let mut bytes = Vec::with_capacity(indices.len() * row_bytes);
-        for &index in indices {
-            let row = usize::try_from(index)
-                .ok()
-                .filter(|&row| (row as u64) < layout.rows)
-                .ok_or_else(|| {
-                    tower_error(
-                        "input",
-                        format!(
-                            "{} row {index} is outside table {:?} of {} rows",
-                            layout.indices, layout.gathered, layout.rows
-                        ),
-                    )
-                })?;
-            bytes.extend_from_slice(&table[row * row_bytes..(row + 1) * row_bytes]);
-        }
+        let rows = indices
+            .iter()
+            .map(|&index| {
+                usize::try_from(index)
+                    .ok()
+                    .filter(|&row| (row as u64) < layout.rows)
+                    .map(|row| &table[row * row_bytes..(row + 1) * row_bytes])
+                    .ok_or_else(|| {
+                        tower_error(
+                            "input",
+                            format!(
+                                "{} row {index} is outside table {:?} of {} rows",
+                                layout.indices, layout.gathered, layout.rows
+                            ),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<&[u8]>, _>>()?;
         let tensor = match layout.element {
             TableElement::I8 => {
-                let values: Vec<i8> = bytes.iter().map(|&b| b as i8).collect();
+                let values: Vec<i8> = rows
+                    .iter()
+                    .flat_map(|row| row.iter().map(|&b| b as i8))
+                    .collect();
                 Tensor::from_shape(&full_shape, &values)
             }
             TableElement::F32 => {
-                let values: Vec<f32> = bytes
-                    .chunks_exact(4)
+                let values: Vec<f32> = rows
+                    .iter()
+                    .flat_map(|row| row.chunks_exact(4))
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                     .collect();
                 Tensor::from_shape(&full_shape, &values)
@@ -515,48 +506,46 @@ impl UserTower {
     /// One viewer's embedding: the graph's batch is fixed at 1 (see `load_with_tables`).
     fn embed_one(&self, input: &UserTowerInput) -> Result<Vec<f32>, crate::Error> {
         use tract_onnx::prelude::*;
-        let inputs = std::slice::from_ref(input);
         let n = 1;
-        let h = self.spec.history_length;
-        let ints = |f: &dyn Fn(&UserTowerInput) -> &[i64]| -> Vec<i64> {
-            inputs.iter().flat_map(|i| f(i).iter().copied()).collect()
+        let history = [n, self.spec.history_length];
+        let scalar = [n];
+        // An index input's values and shape: [B, H] for the histories, [B] otherwise.
+        let index_input = |name: &str| -> (&[i64], &[usize]) {
+            match name {
+                "history_videos" => (&input.history_videos, &history),
+                "history_categories" => (&input.history_categories, &history),
+                "country" => (std::slice::from_ref(&input.country), &scalar),
+                "language" => (std::slice::from_ref(&input.language), &scalar),
+                "age_bucket" => (std::slice::from_ref(&input.age_bucket), &scalar),
+                "user" => (std::slice::from_ref(&input.user), &scalar),
+                other => unreachable!("not an index input: {other:?}"),
+            }
         };
-        let scalar =
-            |f: &dyn Fn(&UserTowerInput) -> i64| -> Vec<i64> { inputs.iter().map(f).collect() };
-        let shaped = |shape: &[usize], values: Vec<i64>| {
-            Tensor::from_shape(shape, &values).map_err(|e| tower_error("input", e))
+        let index_tensor = |name: &str| -> Result<TValue, crate::Error> {
+            let (values, shape) = index_input(name);
+            Ok(Tensor::from_shape(shape, values)
+                .map_err(|e| tower_error("input", e))?
+                .into())
         };
-        let weights: Vec<f32> = inputs
-            .iter()
-            .flat_map(|i| i.history_weights.iter().copied())
-            .collect();
-        let dense: Vec<f32> = inputs.iter().map(|i| i.dense[0]).collect();
         let mut tensors: TVec<TValue> = tvec![
-            shaped(&[n, h], ints(&|i| &i.history_videos))?.into(),
-            shaped(&[n, h], ints(&|i| &i.history_categories))?.into(),
-            Tensor::from_shape(&[n, h], &weights)
+            index_tensor("history_videos")?,
+            index_tensor("history_categories")?,
+            Tensor::from_shape(&history, &input.history_weights)
                 .map_err(|e| tower_error("input", e))?
                 .into(),
-            shaped(&[n], scalar(&|i| i.country))?.into(),
-            shaped(&[n], scalar(&|i| i.language))?.into(),
-            shaped(&[n], scalar(&|i| i.age_bucket))?.into(),
-            shaped(&[n], scalar(&|i| i.user))?.into(),
-            Tensor::from_shape(&[n, 1], &dense)
+            index_tensor("country")?,
+            index_tensor("language")?,
+            index_tensor("age_bucket")?,
+            index_tensor("user")?,
+            Tensor::from_shape(&[n, 1], &input.dense)
                 .map_err(|e| tower_error("input", e))?
                 .into(),
         ];
         if let Some(tables) = &self.tables {
             for layout in &tables.layouts {
-                let (shape, indices) = match layout.indices.as_str() {
-                    "history_videos" => (vec![n, h], ints(&|i| &i.history_videos)),
-                    "history_categories" => (vec![n, h], ints(&|i| &i.history_categories)),
-                    "country" => (vec![n], scalar(&|i| i.country)),
-                    "language" => (vec![n], scalar(&|i| i.language)),
-                    "age_bucket" => (vec![n], scalar(&|i| i.age_bucket)),
-                    "user" => (vec![n], scalar(&|i| i.user)),
-                    other => unreachable!("TowerTables::new refuses index input {other:?}"),
-                };
-                tensors.push(tables.gather(layout, &shape, &indices)?.into());
+                // `TowerTables::new` admits only `INDEX_INPUTS`.
+                let (indices, shape) = index_input(&layout.indices);
+                tensors.push(tables.gather(layout, shape, indices)?.into());
             }
         }
         let outputs = self.model.run(tensors).map_err(|e| tower_error("run", e))?;
