@@ -987,10 +987,14 @@ fn run(cli: Cli) -> Result<()> {
             {
                 calibration_queries.extend(trained.user_embedding(user)?);
             }
-            let (shard, built) = control_plane::shard_build::build_shard(
+            let (shard, built) = control_plane::shard_build::build_grouped_shard(
                 ids,
                 vectors,
                 trained.model.spec.output_dim,
+                Some(&control_plane::shard_build::category_groups(
+                    ids,
+                    &dataset.videos,
+                )),
                 &control_plane::shard_build::ShardConfig::default(),
                 &calibration_queries,
             )?;

@@ -6,13 +6,14 @@
 //! `edge::shard::ShardWriter`. [`bench_shard`] measures the result against exact search on
 //! clustered synthetic embeddings.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::latency::Latency;
 
+use edge::Video;
 use edge::shard::{LayerLists, MAX_POINTS, SearchScratch, Shard, ShardGraph, ShardWriter};
 use hnsw_rs::prelude::{Distance, Hnsw};
 use rand::{Rng, SeedableRng};
@@ -302,6 +303,20 @@ pub fn build_shard(
     config: &ShardConfig,
     calibration_queries: &[f32],
 ) -> Result<(Vec<u8>, BuildReport), ShardBuildError> {
+    build_grouped_shard(ids, vectors, dim, None, config, calibration_queries)
+}
+
+/// [`build_shard`], with each group's points stored in one run of positions when `groups`
+/// labels them (one label per id; see [`ShardWriter::groups`]). Grouping changes where
+/// points are stored, not the graph or what a search finds.
+pub fn build_grouped_shard(
+    ids: &[u64],
+    vectors: &[f32],
+    dim: usize,
+    groups: Option<&[u32]>,
+    config: &ShardConfig,
+    calibration_queries: &[f32],
+) -> Result<(Vec<u8>, BuildReport), ShardBuildError> {
     check_config(config)?;
     check_input(ids, vectors, dim)?;
     check_calibration_queries(calibration_queries, dim)?;
@@ -326,9 +341,11 @@ pub fn build_shard(
     let (graph, repairs) = export(&hnsw, points)?;
     drop(hnsw);
     let first_ef = config.ef_search.unwrap_or(EF_LADDER[0]);
-    let mut bytes = ShardWriter::new(dim)
-        .search_ef(first_ef)
-        .write(ids, vectors, &graph)?;
+    let mut writer = ShardWriter::new(dim).search_ef(first_ef);
+    if let Some(groups) = groups {
+        writer = writer.groups(groups.to_vec());
+    }
+    let mut bytes = writer.write(ids, vectors, &graph)?;
     let write_time = started.elapsed();
 
     let calibration = match config.ef_search {
@@ -370,6 +387,21 @@ pub fn build_shard(
         calibration,
     };
     Ok((bytes, report))
+}
+
+/// One group label per id for [`build_grouped_shard`]: the rank of the video's category
+/// among the catalogue's category names, so that each category's videos are stored
+/// together (the edge's category queries scan them whole). Ids without a video go last.
+pub fn category_groups(ids: &[u64], videos: &[Video]) -> Vec<u32> {
+    let names: BTreeSet<&str> = videos.iter().map(|v| v.category.as_str()).collect();
+    let rank: BTreeMap<&str, u32> = names.into_iter().zip(0..).collect();
+    let category: BTreeMap<u64, u32> = videos
+        .iter()
+        .map(|v| (v.video_id, rank[v.category.as_str()]))
+        .collect();
+    ids.iter()
+        .map(|id| category.get(id).copied().unwrap_or(u32::MAX))
+        .collect()
 }
 
 /// Measures recall@100 against exact f32 search up [`EF_LADDER`] and keeps the first

@@ -630,14 +630,63 @@ impl ApproximateScorer<'_> {
 }
 
 /// `sum_j a_j * b_j` over i8 components stored as bytes, exact in i32 for any dimension
-/// below 2^17. LLVM turns this into multiply-adds natively (`pmaddwd`); for wasm it did
-/// not (the int8 search ran slower than the f32 one there), hence the SIMD128 twin.
-#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+/// below 2^17. The portable form, for targets without one of the SIMD twins below.
+#[cfg(not(any(
+    all(target_arch = "wasm32", target_feature = "simd128"),
+    all(target_arch = "x86_64", target_feature = "sse2")
+)))]
 fn dot_i8_i8(a: &[u8], b: &[u8]) -> i32 {
     a.iter()
         .zip(b)
         .map(|(&a, &b)| i32::from(a as i8) * i32::from(b as i8))
         .sum()
+}
+
+/// The x86-64 twin of the wasm one below, in SSE2: LLVM vectorised the portable form with
+/// 16-bit multiplies and widening shuffles, eight components a step, not with `pmaddwd`
+/// (nor when the pairwise sums were spelled out). Scanning 15,000 videos took 413 us
+/// that way and 283 us this way; native retrieval on the bench bundle went from 1.42 to
+/// 1.13 ms. SSE2 has no `pmovsxbw`: bytes are sign-extended by unpacking each with itself
+/// and shifting right.
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+#[allow(unsafe_code)]
+fn dot_i8_i8(a: &[u8], b: &[u8]) -> i32 {
+    #[target_feature(enable = "sse2")]
+    fn dot(a: &[u8], b: &[u8]) -> i32 {
+        use core::arch::x86_64::{
+            __m128i, _mm_add_epi32, _mm_cvtsi128_si32, _mm_madd_epi16, _mm_set_epi64x,
+            _mm_setzero_si128, _mm_shuffle_epi32, _mm_srai_epi16, _mm_unpackhi_epi8,
+            _mm_unpacklo_epi8,
+        };
+        // As in the wasm twin: two 8-byte words rather than a pointer load.
+        let load = |x: &[u8; 16]| -> __m128i {
+            let (low, high) = x.split_at(8);
+            let word = |half: &[u8]| i64::from_le_bytes(half.try_into().expect("8 bytes"));
+            _mm_set_epi64x(word(high), word(low))
+        };
+        let widen_low = |v: __m128i| _mm_srai_epi16::<8>(_mm_unpacklo_epi8(v, v));
+        let widen_high = |v: __m128i| _mm_srai_epi16::<8>(_mm_unpackhi_epi8(v, v));
+        let (a_chunks, a_tail) = a.as_chunks::<16>();
+        let (b_chunks, b_tail) = b.as_chunks::<16>();
+        let mut sums = _mm_setzero_si128();
+        for (x, y) in a_chunks.iter().zip(b_chunks) {
+            let (x, y) = (load(x), load(y));
+            let low = _mm_madd_epi16(widen_low(x), widen_low(y));
+            let high = _mm_madd_epi16(widen_high(x), widen_high(y));
+            sums = _mm_add_epi32(sums, _mm_add_epi32(low, high));
+        }
+        let sums = _mm_add_epi32(sums, _mm_shuffle_epi32::<0b01_00_11_10>(sums));
+        let sums = _mm_add_epi32(sums, _mm_shuffle_epi32::<0b10_11_00_01>(sums));
+        let tail: i32 = a_tail
+            .iter()
+            .zip(b_tail)
+            .map(|(&a, &b)| i32::from(a as i8) * i32::from(b as i8))
+            .sum();
+        _mm_cvtsi128_si32(sums) + tail
+    }
+    // SAFETY: `dot` needs only SSE2, which this build enables (the cfg above; every
+    // x86-64 CPU has it). It touches memory through slices alone.
+    unsafe { dot(a, b) }
 }
 
 /// 16 components at a time: each half widened to i16 and `i32x4.dot_i16x8_s` (a

@@ -909,6 +909,49 @@ fn locality_order_is_a_permutation_that_shrinks_the_graph() {
     );
 }
 
+#[test]
+fn grouped_points_sit_in_one_run_per_group_and_search_the_same() {
+    let (n, dim) = (600, 16);
+    let f = fixture(n, dim, 6);
+    // Labels unrelated to the vectors, so locality alone would interleave the groups.
+    let groups: Vec<u32> = (0..n as u32).map(|p| (p * 7919 + 3) % 5).collect();
+    let bytes = ShardWriter::new(dim)
+        .groups(groups.clone())
+        .write(&f.ids, &f.vectors, &f.graph)
+        .unwrap();
+    let grouped = Shard::open(bytes).unwrap();
+    let label_of = |id: u64| groups[((id - 1_000_000) / 7) as usize];
+    let labels: Vec<u32> = grouped.video_ids().iter().map(|&id| label_of(id)).collect();
+    assert!(
+        labels.windows(2).all(|w| w[0] <= w[1]),
+        "positions are grouped by ascending label"
+    );
+    let plain = Shard::open(write(&f)).unwrap();
+    let mut scratch = SearchScratch::default();
+    for query in clustered(20, dim, 8, 98).chunks_exact(dim) {
+        assert_eq!(
+            grouped
+                .nns(10)
+                .ef(n)
+                .search_with(query, &mut scratch)
+                .unwrap(),
+            plain
+                .nns(10)
+                .ef(n)
+                .search_with(query, &mut scratch)
+                .unwrap()
+        );
+    }
+
+    let short = ShardWriter::new(dim)
+        .groups(vec![0; n - 1])
+        .write(&f.ids, &f.vectors, &f.graph);
+    assert!(
+        matches!(&short, Err(Error::InvalidShardInput { reason }) if reason.contains("599 group labels for 600 points")),
+        "{short:?}"
+    );
+}
+
 fn writer_locality_order(vectors: &[f32], dim: usize, n: usize) -> Vec<u32> {
     // The ordering is private to the writer; recover it from a written shard's ids.
     let graph = ShardGraph {
@@ -961,5 +1004,24 @@ fn dot_matches_a_plain_sum_at_every_length() {
             .map(|(q, &v)| q * f32::from(v as i8))
             .sum();
         assert!((dot_i8(&query, &vector) - plain).abs() <= 1e-3 * (1.0 + plain.abs()));
+    }
+}
+
+#[test]
+fn the_int8_dot_product_is_exact_at_the_extremes_and_in_the_tail() {
+    let mut rng = Rng(23);
+    for len in [0, 1, 15, 16, 17, 64, 100] {
+        let mut a: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+        let b: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+        let reference = |a: &[u8], b: &[u8]| -> i32 {
+            a.iter()
+                .zip(b)
+                .map(|(&x, &y)| i32::from(x as i8) * i32::from(y as i8))
+                .sum()
+        };
+        assert_eq!(dot_i8_i8(&a, &b), reference(&a, &b), "length {len}");
+        // -128 * -128 in every lane: the largest pair sums `pmaddwd` adds.
+        a.fill(0x80);
+        assert_eq!(dot_i8_i8(&a, &a), 16_384 * len, "length {len}");
     }
 }

