@@ -52,6 +52,12 @@ pub struct TwoTowerConfig {
     pub batch_size: usize,
     /// Passes over the training data, at most.
     pub epochs: usize,
+    /// Keep the epoch with the best validation recall@50, stopping after two epochs
+    /// without a gain (the default); false trains every epoch and keeps the last. On
+    /// 100,000 videos with 400,000 interactions the best epoch was the first: about 100
+    /// optimiser steps, which left the video embeddings near their initialisation (median
+    /// pairwise cosine 0.94) and the shard's calibrated beam at ef 1536.
+    pub keep_best_epoch: bool,
     /// AdamW learning rate.
     pub learning_rate: f64,
     /// Seed of initialisation and shuffling.
@@ -100,6 +106,7 @@ impl Default for TwoTowerConfig {
             history_length: 50,
             batch_size: 512,
             epochs: 10,
+            keep_best_epoch: true,
             learning_rate: 0.001,
             seed: 42,
             extra_negatives: 0,

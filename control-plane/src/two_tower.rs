@@ -1029,7 +1029,9 @@ pub fn train<'a>(
             loss_sum / batches.max(1) as f64,
             examples.len() as f64 / epoch_started.elapsed().as_secs_f64()
         ));
-        if recall > best {
+        if !config.keep_best_epoch {
+            (best, best_epoch) = (recall, epoch);
+        } else if recall > best {
             best = recall;
             best_epoch = epoch;
             best_snapshot = Some(retriever.model.snapshot()?);

@@ -91,11 +91,17 @@ fn with_minilm_titles_and_extra_negatives_it_still_beats_the_baselines() {
     let data = prepared.training_data(Some(&title_vectors));
     let config = TwoTowerConfig {
         epochs: 3,
+        keep_best_epoch: false,
         extra_negatives: 128,
         ..TwoTowerConfig::default()
     };
-    let (trained, _) = train(&data, &config, false, |_| {}).unwrap();
+    let (trained, report) = train(&data, &config, false, |_| {}).unwrap();
     assert_eq!(trained.model.title_vector_dim(), Some(384));
+    assert_eq!(
+        (report.epochs, report.best_epoch),
+        (3, 3),
+        "every epoch trained, the last kept"
+    );
 
     let set = EvalSet::new(parts, &dataset.videos, rules, Part::Test);
     let histories = training_histories(parts, &dataset.videos, rules, Part::Test);
