@@ -61,6 +61,9 @@ pub const MAX_AGE: f64 = 150.0;
 /// `Recommender::shard_position_of_row`'s mark for a video the shard does not hold.
 const NOT_IN_SHARD: u32 = u32::MAX;
 
+/// `Recommender::row_of_position`'s mark for a shard video the catalogue does not hold.
+const NOT_IN_CATALOG: u32 = u32::MAX;
+
 /// What is known about the viewer, all optional.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -307,6 +310,10 @@ pub struct Recommender {
     /// Each catalogue row's shard position (`NOT_IN_SHARD` for a video the shard lacks):
     /// the merge that groups categories finds it, so serving need not search for it.
     shard_position_of_row: Vec<u32>,
+    /// Each shard position's catalogue row (`NOT_IN_CATALOG` for a video the catalogue
+    /// lacks): the graph search's hits are positions, and a binary search of the
+    /// catalogue's ids for each was 5% of a request natively.
+    row_of_position: Vec<u32>,
     /// Shard positions of each category's videos, with their catalogue rows.
     category_positions: BTreeMap<String, Vec<(u32, u32)>>,
     /// Each catalogue row's position in the catalogue's popularity order.
@@ -413,7 +420,7 @@ impl Recommender {
         // Every cold start runs this over the whole catalogue: linear passes, no sort, no
         // per-video lookups or allocations.
         // Catalogue row of each shard position: both sides are sorted by id, so one merge.
-        let mut row_of_position = vec![None; shard.len()];
+        let mut row_of_position = vec![NOT_IN_CATALOG; shard.len()];
         let mut shard_position_of_row = vec![NOT_IN_SHARD; catalog.len()];
         let catalog_ids = catalog.video_ids();
         let mut row = 0;
@@ -422,7 +429,7 @@ impl Recommender {
                 row += 1;
             }
             if catalog_ids.get(row) == Some(&id) {
-                row_of_position[position as usize] = Some(row as u32);
+                row_of_position[position as usize] = row as u32;
                 shard_position_of_row[row] = position;
             }
         }
@@ -430,7 +437,8 @@ impl Recommender {
             row_of_position
                 .iter()
                 .enumerate()
-                .filter_map(|(position, row)| Some((position as u32, (*row)?))),
+                .filter(|&(_, &row)| row != NOT_IN_CATALOG)
+                .map(|(position, &row)| (position as u32, row)),
         );
 
         let mut popularity_rank = vec![0; catalog.len()];
@@ -452,6 +460,7 @@ impl Recommender {
             rules,
             experiments,
             shard_position_of_row,
+            row_of_position,
             category_positions,
             popularity_rank,
             promoted_rows,
@@ -539,30 +548,34 @@ impl Recommender {
             return Vec::new();
         };
         // Narrowed on the int8 scale, then the kept few scored exactly: the margin covers
-        // the places the rounding can swap near the cut, and the videos already retrieved
-        // are dropped from the kept few (a lookup each) rather than from the whole category.
-        let keep = quota
-            .saturating_mul(2)
-            .saturating_add(16)
-            .saturating_add(seen.len());
-        // Sized up front: grown by doubling, the copies cost a tenth of the scan.
-        let mut narrowed: Vec<(f32, u32)> = Vec::with_capacity(positions.len());
-        narrowed.extend(
-            positions
-                .iter()
-                .zip(0..)
-                .filter_map(|(&(position, _), ordinal)| {
-                    Some((approximate.score(position as usize)?, ordinal))
-                }),
-        );
-        if narrowed.len() > keep {
-            narrowed.select_nth_unstable_by(keep, |a, b| b.0.total_cmp(&a.0));
-            narrowed.truncate(keep);
-        }
+        // the places the rounding can swap near the cut.
+        let keep = quota.saturating_mul(2).saturating_add(16);
+        // Positions ascend within a category, so a category whose first and last are as
+        // far apart as it is long is one run (every category, in a grouped shard).
+        let run = match (positions.first(), positions.last()) {
+            (Some(&(first, _)), Some(&(last, _)))
+                if last
+                    .checked_sub(first)
+                    .is_some_and(|span| span as usize + 1 == positions.len()) =>
+            {
+                approximate.scores_in(first as usize..last as usize + 1)
+            }
+            _ => None,
+        };
+        let narrowed = match run {
+            Some(scores) => keep_best_unseen(scores.map(Some), positions, keep, seen),
+            None => keep_best_unseen(
+                positions
+                    .iter()
+                    .map(|&(position, _)| approximate.score(position as usize)),
+                positions,
+                keep,
+                seen,
+            ),
+        };
         let mut scored: Vec<(u32, f32)> = narrowed
             .into_iter()
             .map(|(_, ordinal)| positions[ordinal as usize])
-            .filter(|(_, row)| !seen.contains(row))
             .filter_map(|(position, row)| {
                 Some((row, self.shard.score_at(user, position as usize)?))
             })
@@ -591,6 +604,46 @@ impl Recommender {
             .and_then(|position| self.shard.score_at(user, position))
             .unwrap_or(f32::NAN)
     }
+}
+
+/// The `keep` best of `scores` (one per entry of `positions`, `None` for none) whose rows
+/// are not in `seen`, as `(score, index into positions)`, in no order.
+///
+/// A score below the `keep`-th best so far cannot be kept: the buffer is cut back to its
+/// best `keep` whenever it doubles, which raises that bar, so after the first few hundred
+/// of a category's thousands of videos hardly any is stored or looked up in `seen`.
+/// (Storing every score and selecting once wrote and compared all of them; a binary heap
+/// paid a sift for each early one.)
+fn keep_best_unseen(
+    scores: impl Iterator<Item = Option<f32>>,
+    positions: &[(u32, u32)],
+    keep: usize,
+    seen: &BTreeSet<u32>,
+) -> Vec<(f32, u32)> {
+    let by_score = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0);
+    let keep = keep.max(1);
+    let cut_at = keep.saturating_mul(2);
+    let mut kept: Vec<(f32, u32)> = Vec::with_capacity(cut_at.min(positions.len()));
+    let mut bar = f32::NEG_INFINITY;
+    for ((score, &(_, row)), ordinal) in scores.zip(positions).zip(0..) {
+        let Some(score) = score else {
+            continue;
+        };
+        if score < bar || seen.contains(&row) {
+            continue;
+        }
+        kept.push((score, ordinal));
+        if kept.len() == cut_at {
+            kept.select_nth_unstable_by(keep - 1, by_score);
+            kept.truncate(keep);
+            bar = kept[keep - 1].0;
+        }
+    }
+    if kept.len() > keep {
+        kept.select_nth_unstable_by(keep, by_score);
+        kept.truncate(keep);
+    }
+    kept
 }
 
 /// Scales `v` to unit length; false (and `v` unchanged) when it has none.
@@ -932,16 +985,20 @@ impl Run {
             let hits = rec
                 .shard
                 .nns(rules.personalized_candidates)
-                .search_with(user, &mut scratch);
+                .search_positions_with(user, &mut scratch);
             SEARCH_SCRATCH.set(scratch);
             let hits = hits?;
-            for (rank, (id, score)) in hits.into_iter().enumerate() {
-                if let Some(video) = rec.catalog.get(id) {
+            for (rank, (position, score)) in hits.into_iter().enumerate() {
+                if let Some(&row) = rec
+                    .row_of_position
+                    .get(position as usize)
+                    .filter(|&&row| row != NOT_IN_CATALOG)
+                {
                     push(
                         &mut candidates,
                         &mut seen,
                         Candidate {
-                            row: video.row() as u32,
+                            row,
                             two_tower: score,
                             retrieval_rank: Some(rank as u32),
                             source: Source::Personalized,
@@ -1289,5 +1346,49 @@ impl Run {
             ordered.push((candidate.row, candidate.score, source));
         }
         self.ordered = ordered;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeping_the_best_unseen_matches_sorting_them_all() {
+        // A fixed xorshift stream: scores with many ties (a few dozen distinct values).
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for (len, keep) in [(0, 5), (3, 5), (10, 10), (500, 1), (500, 16), (5_000, 106)] {
+            let positions: Vec<(u32, u32)> = (0..len).map(|i| (i, 2 * i)).collect();
+            let scores: Vec<Option<f32>> = (0..len)
+                .map(|_| (next() % 17 != 0).then(|| (next() % 40) as f32 / 8.0))
+                .collect();
+            let seen: BTreeSet<u32> = (0..len)
+                .filter(|_| next() % 5 == 0)
+                .map(|i| 2 * i)
+                .collect();
+            let kept = keep_best_unseen(scores.iter().copied(), &positions, keep, &seen);
+            let mut all: Vec<f32> = scores
+                .iter()
+                .zip(&positions)
+                .filter(|(_, (_, row))| !seen.contains(row))
+                .filter_map(|(score, _)| *score)
+                .collect();
+            all.sort_by(|a, b| b.total_cmp(a));
+            all.truncate(keep);
+            let mut kept_scores: Vec<f32> = kept.iter().map(|&(score, _)| score).collect();
+            kept_scores.sort_by(|a, b| b.total_cmp(a));
+            assert_eq!(kept_scores, all, "{len} scores, keep {keep}");
+            for &(score, ordinal) in &kept {
+                let ordinal = ordinal as usize;
+                assert_eq!(scores[ordinal], Some(score));
+                assert!(!seen.contains(&positions[ordinal].1));
+            }
+        }
     }
 }

@@ -385,7 +385,7 @@ impl Shard {
         k: usize,
         ef: usize,
         scratch: &mut SearchScratch,
-    ) -> Vec<(u64, f32)> {
+    ) -> Vec<(u32, f32)> {
         let steer = QuantizedQuery::new(query);
         let approx = |point: u32| steer.score(self, point);
         let mut current = self.entry_point;
@@ -465,7 +465,7 @@ impl Shard {
             }
         }
         candidates.clear();
-        self.hits(
+        self.best_positions(
             results.drain().map(|r| Scored {
                 score: self.score(query, r.0.point),
                 point: r.0.point,
@@ -474,14 +474,28 @@ impl Shard {
         )
     }
 
-    /// Best first, ties by video id so equal scores come out in a reproducible order.
+    /// The best `k` as `(position, score)`, best first, ties by video id so equal scores
+    /// come out in a reproducible order.
+    fn best_positions(&self, scored: impl Iterator<Item = Scored>, k: usize) -> Vec<(u32, f32)> {
+        let mut best: Vec<(u32, f32)> = scored.map(|s| (s.point, s.score)).collect();
+        best.sort_unstable_by(|a, b| {
+            b.1.total_cmp(&a.1)
+                .then_with(|| self.ids[a.0 as usize].cmp(&self.ids[b.0 as usize]))
+        });
+        best.truncate(k);
+        best
+    }
+
+    /// As [`Shard::best_positions`], with video ids for positions.
     fn hits(&self, scored: impl Iterator<Item = Scored>, k: usize) -> Vec<(u64, f32)> {
-        let mut hits: Vec<(u64, f32)> = scored
-            .map(|s| (self.ids[s.point as usize], s.score))
-            .collect();
-        hits.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        hits.truncate(k);
-        hits
+        self.with_ids(self.best_positions(scored, k))
+    }
+
+    fn with_ids(&self, positions: Vec<(u32, f32)>) -> Vec<(u64, f32)> {
+        positions
+            .into_iter()
+            .map(|(position, score)| (self.ids[position as usize], score))
+            .collect()
     }
 }
 
@@ -515,6 +529,17 @@ impl Query<'_> {
         query: &[f32],
         scratch: &mut SearchScratch,
     ) -> Result<Vec<(u64, f32)>, Error> {
+        let positions = self.search_positions_with(query, scratch)?;
+        Ok(self.shard.with_ids(positions))
+    }
+
+    /// As [`Query::search_with`], naming each hit by its storage position rather than its
+    /// video id: a caller keeping a table by position then needs no id lookup.
+    pub fn search_positions_with(
+        &self,
+        query: &[f32],
+        scratch: &mut SearchScratch,
+    ) -> Result<Vec<(u32, f32)>, Error> {
         self.shard.check_query(query)?;
         if self.k == 0 {
             return Ok(Vec::new());
@@ -589,8 +614,9 @@ impl Ord for Scored {
 /// The rounding moves a score by at most half a step per component, which only decides
 /// near-ties of the beam; returned scores are exact.
 struct QuantizedQuery {
-    /// The int8 components as stored bytes (two's complement), like the shard's vectors.
-    steer: Vec<u8>,
+    /// The int8 components, stored like the shard's vectors and widened once for the
+    /// many products.
+    steer: WidenedI8,
 }
 
 impl QuantizedQuery {
@@ -606,12 +632,14 @@ impl QuantizedQuery {
                 }
             })
             .collect();
-        Self { steer }
+        Self {
+            steer: WidenedI8::new(steer),
+        }
     }
 
     fn score(&self, shard: &Shard, point: u32) -> f32 {
         let point = point as usize;
-        shard.scales[point] * dot_i8_i8(&self.steer, shard.quantized(point)) as f32
+        shard.scales[point] * self.steer.dot(shard.quantized(point)) as f32
     }
 }
 
@@ -627,76 +655,94 @@ impl ApproximateScorer<'_> {
     pub fn score(&self, position: usize) -> Option<f32> {
         (position < self.shard.len()).then(|| self.query.score(self.shard, position as u32))
     }
+
+    /// The approximate scores of the videos at `positions`, in order, `None` if the range
+    /// passes the end. A run of positions (a category in a grouped shard, see
+    /// `ShardWriter::groups`) is one pass over contiguous vectors and scales, with no
+    /// lookup per video.
+    pub fn scores_in(&self, positions: Range<usize>) -> Option<impl Iterator<Item = f32> + '_> {
+        let shard = self.shard;
+        let scales = shard.scales.get(positions.clone())?;
+        let start = shard.vectors.start + positions.start * shard.dim;
+        let vectors = shard
+            .bytes
+            .get(start..start + positions.len() * shard.dim)?;
+        Some(
+            vectors
+                .chunks_exact(shard.dim.max(1))
+                .zip(scales)
+                .map(|(vector, &scale)| scale * self.query.steer.dot(vector) as f32),
+        )
+    }
 }
 
-/// `sum_j a_j * b_j` over i8 components stored as bytes, exact in i32 for any dimension
-/// below 2^17. The portable form, for targets without one of the SIMD twins below.
-#[cfg(not(any(
-    all(target_arch = "wasm32", target_feature = "simd128"),
-    all(target_arch = "x86_64", target_feature = "sse2")
-)))]
-fn dot_i8_i8(a: &[u8], b: &[u8]) -> i32 {
+/// One side of int8 dot products taken many times (a query against every point it
+/// visits), sign-extended to i16 once rather than at every product: the SIMD twins then
+/// widen only the point's bytes, two of the four extensions per 16 components.
+struct WidenedI8 {
+    /// As stored (two's complement); the tail past the last whole 16 is read from here.
+    bytes: Vec<u8>,
+    /// Two i16 vectors per whole 16 components: the low eight, then the high eight.
+    #[cfg(any(
+        all(target_arch = "wasm32", target_feature = "simd128"),
+        all(target_arch = "x86_64", target_feature = "sse2")
+    ))]
+    lanes: Vec<simd::Lanes>,
+}
+
+impl WidenedI8 {
+    fn new(bytes: Vec<u8>) -> Self {
+        Self {
+            #[cfg(any(
+                all(target_arch = "wasm32", target_feature = "simd128"),
+                all(target_arch = "x86_64", target_feature = "sse2")
+            ))]
+            lanes: simd::widen(&bytes),
+            bytes,
+        }
+    }
+
+    /// `sum_j a_j * b_j` with `b`'s bytes as i8, exact in i32 for any dimension below
+    /// 2^17; `b` has as many components as `self`.
+    #[cfg(any(
+        all(target_arch = "wasm32", target_feature = "simd128"),
+        all(target_arch = "x86_64", target_feature = "sse2")
+    ))]
+    fn dot(&self, b: &[u8]) -> i32 {
+        let (b_chunks, b_tail) = b.as_chunks::<16>();
+        let a_tail = &self.bytes[self.bytes.len().saturating_sub(b_tail.len())..];
+        simd::dot(&self.lanes, b_chunks) + dot_scalar(a_tail, b_tail)
+    }
+
+    /// The portable form, for targets without one of the SIMD twins below.
+    #[cfg(not(any(
+        all(target_arch = "wasm32", target_feature = "simd128"),
+        all(target_arch = "x86_64", target_feature = "sse2")
+    )))]
+    fn dot(&self, b: &[u8]) -> i32 {
+        dot_scalar(&self.bytes, b)
+    }
+}
+
+fn dot_scalar(a: &[u8], b: &[u8]) -> i32 {
     a.iter()
         .zip(b)
         .map(|(&a, &b)| i32::from(a as i8) * i32::from(b as i8))
         .sum()
 }
 
-/// The x86-64 twin of the wasm one below, in SSE2: LLVM vectorised the portable form with
-/// 16-bit multiplies and widening shuffles, eight components a step, not with `pmaddwd`
-/// (nor when the pairwise sums were spelled out). Scanning 15,000 videos took 413 us
-/// that way and 283 us this way; native retrieval on the bench bundle went from 1.42 to
-/// 1.13 ms. SSE2 has no `pmovsxbw`: bytes are sign-extended by unpacking each with itself
-/// and shifting right.
-#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
-#[allow(unsafe_code)]
-fn dot_i8_i8(a: &[u8], b: &[u8]) -> i32 {
-    #[target_feature(enable = "sse2")]
-    fn dot(a: &[u8], b: &[u8]) -> i32 {
-        use core::arch::x86_64::{
-            __m128i, _mm_add_epi32, _mm_cvtsi128_si32, _mm_madd_epi16, _mm_set_epi64x,
-            _mm_setzero_si128, _mm_shuffle_epi32, _mm_srai_epi16, _mm_unpackhi_epi8,
-            _mm_unpacklo_epi8,
-        };
-        // As in the wasm twin: two 8-byte words rather than a pointer load.
-        let load = |x: &[u8; 16]| -> __m128i {
-            let (low, high) = x.split_at(8);
-            let word = |half: &[u8]| i64::from_le_bytes(half.try_into().expect("8 bytes"));
-            _mm_set_epi64x(word(high), word(low))
-        };
-        let widen_low = |v: __m128i| _mm_srai_epi16::<8>(_mm_unpacklo_epi8(v, v));
-        let widen_high = |v: __m128i| _mm_srai_epi16::<8>(_mm_unpackhi_epi8(v, v));
-        let (a_chunks, a_tail) = a.as_chunks::<16>();
-        let (b_chunks, b_tail) = b.as_chunks::<16>();
-        let mut sums = _mm_setzero_si128();
-        for (x, y) in a_chunks.iter().zip(b_chunks) {
-            let (x, y) = (load(x), load(y));
-            let low = _mm_madd_epi16(widen_low(x), widen_low(y));
-            let high = _mm_madd_epi16(widen_high(x), widen_high(y));
-            sums = _mm_add_epi32(sums, _mm_add_epi32(low, high));
-        }
-        let sums = _mm_add_epi32(sums, _mm_shuffle_epi32::<0b01_00_11_10>(sums));
-        let sums = _mm_add_epi32(sums, _mm_shuffle_epi32::<0b10_11_00_01>(sums));
-        let tail: i32 = a_tail
-            .iter()
-            .zip(b_tail)
-            .map(|(&a, &b)| i32::from(a as i8) * i32::from(b as i8))
-            .sum();
-        _mm_cvtsi128_si32(sums) + tail
-    }
-    // SAFETY: `dot` needs only SSE2, which this build enables (the cfg above; every
-    // x86-64 CPU has it). It touches memory through slices alone.
-    unsafe { dot(a, b) }
-}
-
-/// 16 components at a time: each half widened to i16 and `i32x4.dot_i16x8_s` (a
-/// `pmaddwd` in the engines) multiplies and adds pairs into four i32 lanes.
+/// 16 components at a time: the point's bytes widened to i16 in two halves and
+/// `i32x4.dot_i16x8_s` (a `pmaddwd` in the engines) multiplies and adds pairs into four
+/// i32 lanes.
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-fn dot_i8_i8(a: &[u8], b: &[u8]) -> i32 {
+mod simd {
     use core::arch::wasm32::{
         i16x8_extend_high_i8x16, i16x8_extend_low_i8x16, i32x4_add, i32x4_dot_i16x8,
         i32x4_extract_lane, i32x4_splat, u64x2, v128,
     };
+
+    pub(super) type Lanes = v128;
+
     // Two 8-byte loads: built from single bytes, LLVM emitted sixteen `v128.load8_lane`s
     // per vector, which made this slower than the f32 product it replaces. (A `v128.load`
     // would need `unsafe`, which the crate keeps to the ABI's exports.)
@@ -705,25 +751,100 @@ fn dot_i8_i8(a: &[u8], b: &[u8]) -> i32 {
         let word = |half: &[u8]| u64::from_le_bytes(half.try_into().expect("8 bytes"));
         u64x2(word(low), word(high))
     }
-    let (a_chunks, a_tail) = a.as_chunks::<16>();
-    let (b_chunks, b_tail) = b.as_chunks::<16>();
-    let mut sums = i32x4_splat(0);
-    for (x, y) in a_chunks.iter().zip(b_chunks) {
-        let (x, y) = (load(x), load(y));
-        let low = i32x4_dot_i16x8(i16x8_extend_low_i8x16(x), i16x8_extend_low_i8x16(y));
-        let high = i32x4_dot_i16x8(i16x8_extend_high_i8x16(x), i16x8_extend_high_i8x16(y));
-        sums = i32x4_add(sums, i32x4_add(low, high));
+
+    pub(super) fn widen(bytes: &[u8]) -> Vec<v128> {
+        let (chunks, _) = bytes.as_chunks::<16>();
+        chunks
+            .iter()
+            .flat_map(|chunk| {
+                let v = load(chunk);
+                [i16x8_extend_low_i8x16(v), i16x8_extend_high_i8x16(v)]
+            })
+            .collect()
     }
-    let tail: i32 = a_tail
-        .iter()
-        .zip(b_tail)
-        .map(|(&a, &b)| i32::from(a as i8) * i32::from(b as i8))
-        .sum();
-    i32x4_extract_lane::<0>(sums)
-        + i32x4_extract_lane::<1>(sums)
-        + i32x4_extract_lane::<2>(sums)
-        + i32x4_extract_lane::<3>(sums)
-        + tail
+
+    pub(super) fn dot(lanes: &[v128], chunks: &[[u8; 16]]) -> i32 {
+        let mut sums = i32x4_splat(0);
+        for (a, b) in lanes.as_chunks::<2>().0.iter().zip(chunks) {
+            let b = load(b);
+            let low = i32x4_dot_i16x8(a[0], i16x8_extend_low_i8x16(b));
+            let high = i32x4_dot_i16x8(a[1], i16x8_extend_high_i8x16(b));
+            sums = i32x4_add(sums, i32x4_add(low, high));
+        }
+        i32x4_extract_lane::<0>(sums)
+            + i32x4_extract_lane::<1>(sums)
+            + i32x4_extract_lane::<2>(sums)
+            + i32x4_extract_lane::<3>(sums)
+    }
+}
+
+/// The x86-64 twin of the wasm one above, in SSE2: LLVM vectorised the portable form with
+/// 16-bit multiplies and widening shuffles, eight components a step, not with `pmaddwd`
+/// (nor when the pairwise sums were spelled out). Scanning 15,000 videos took 413 us
+/// that way and 283 us this way; native retrieval on the bench bundle went from 1.42 to
+/// 1.13 ms. SSE2 has no `pmovsxbw`: bytes are sign-extended by unpacking each with itself
+/// and shifting right.
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+#[allow(unsafe_code)]
+mod simd {
+    use core::arch::x86_64::{
+        __m128i, _mm_add_epi32, _mm_cvtsi128_si32, _mm_madd_epi16, _mm_set_epi64x,
+        _mm_setzero_si128, _mm_shuffle_epi32, _mm_srai_epi16, _mm_unpackhi_epi8, _mm_unpacklo_epi8,
+    };
+
+    pub(super) type Lanes = __m128i;
+
+    // As in the wasm twin: two 8-byte words rather than a pointer load.
+    #[target_feature(enable = "sse2")]
+    fn load(x: &[u8; 16]) -> __m128i {
+        let (low, high) = x.split_at(8);
+        let word = |half: &[u8]| i64::from_le_bytes(half.try_into().expect("8 bytes"));
+        _mm_set_epi64x(word(high), word(low))
+    }
+
+    #[target_feature(enable = "sse2")]
+    fn widen_low(v: __m128i) -> __m128i {
+        _mm_srai_epi16::<8>(_mm_unpacklo_epi8(v, v))
+    }
+
+    #[target_feature(enable = "sse2")]
+    fn widen_high(v: __m128i) -> __m128i {
+        _mm_srai_epi16::<8>(_mm_unpackhi_epi8(v, v))
+    }
+
+    pub(super) fn widen(bytes: &[u8]) -> Vec<__m128i> {
+        #[target_feature(enable = "sse2")]
+        fn widen(bytes: &[u8]) -> Vec<__m128i> {
+            let (chunks, _) = bytes.as_chunks::<16>();
+            let mut lanes = Vec::with_capacity(2 * chunks.len());
+            for chunk in chunks {
+                let v = load(chunk);
+                lanes.extend([widen_low(v), widen_high(v)]);
+            }
+            lanes
+        }
+        // SAFETY: as for `dot` below.
+        unsafe { widen(bytes) }
+    }
+
+    pub(super) fn dot(lanes: &[__m128i], chunks: &[[u8; 16]]) -> i32 {
+        #[target_feature(enable = "sse2")]
+        fn dot(lanes: &[__m128i], chunks: &[[u8; 16]]) -> i32 {
+            let mut sums = _mm_setzero_si128();
+            for (a, b) in lanes.as_chunks::<2>().0.iter().zip(chunks) {
+                let b = load(b);
+                let low = _mm_madd_epi16(a[0], widen_low(b));
+                let high = _mm_madd_epi16(a[1], widen_high(b));
+                sums = _mm_add_epi32(sums, _mm_add_epi32(low, high));
+            }
+            let sums = _mm_add_epi32(sums, _mm_shuffle_epi32::<0b01_00_11_10>(sums));
+            let sums = _mm_add_epi32(sums, _mm_shuffle_epi32::<0b10_11_00_01>(sums));
+            _mm_cvtsi128_si32(sums)
+        }
+        // SAFETY: `dot` needs only SSE2, which this build enables (the cfg above; every
+        // x86-64 CPU has it). It touches memory through slices alone.
+        unsafe { dot(lanes, chunks) }
+    }
 }
 
 /// `sum_j q_j * v_j` with `v` as i8. Independent sums over fixed-size chunks let the

@@ -279,6 +279,49 @@ fn scratch_is_reusable_across_searches_and_shards() {
 }
 
 #[test]
+fn searches_by_position_name_the_same_hits_as_by_id() {
+    let f = fixture(400, 20, 11);
+    let shard = Shard::open(write(&f)).unwrap();
+    let mut scratch = SearchScratch::default();
+    for query in f.vectors.chunks_exact(f.dim).step_by(37) {
+        let by_id = shard.nns(10).search(query).unwrap();
+        let by_position = shard
+            .nns(10)
+            .search_positions_with(query, &mut scratch)
+            .unwrap();
+        let id_at = |position: u32| {
+            shard
+                .positions_by_id()
+                .iter()
+                .find(|&&(_, p)| p == position)
+                .map(|&(id, _)| id)
+                .unwrap()
+        };
+        let named: Vec<(u64, f32)> = by_position
+            .iter()
+            .map(|&(position, score)| (id_at(position), score))
+            .collect();
+        assert_eq!(named, by_id);
+    }
+}
+
+#[test]
+fn a_run_of_approximate_scores_matches_them_one_by_one() {
+    // 40 components: two whole 16s and a tail of 8.
+    let f = fixture(200, 40, 12);
+    let shard = Shard::open(write(&f)).unwrap();
+    let query = clustered(1, 40, 1, 13);
+    let scorer = shard.approximate_scorer(&query).unwrap();
+    for run in [0..200, 17..18, 50..150, 200..200] {
+        let one_by_one: Vec<f32> = run.clone().map(|p| scorer.score(p).unwrap()).collect();
+        let in_a_run: Vec<f32> = scorer.scores_in(run.clone()).unwrap().collect();
+        assert_eq!(in_a_run, one_by_one, "{run:?}");
+    }
+    assert!(scorer.scores_in(150..201).is_none());
+    assert!(scorer.score(200).is_none());
+}
+
+#[test]
 fn k_zero_and_k_beyond_the_shard() {
     let shard = Shard::open(write(&fixture(30, 4, 8))).unwrap();
     let query = [0.5, 0.5, 0.5, 0.5];
@@ -1019,9 +1062,17 @@ fn the_int8_dot_product_is_exact_at_the_extremes_and_in_the_tail() {
                 .map(|(&x, &y)| i32::from(x as i8) * i32::from(y as i8))
                 .sum()
         };
-        assert_eq!(dot_i8_i8(&a, &b), reference(&a, &b), "length {len}");
+        assert_eq!(
+            WidenedI8::new(a.clone()).dot(&b),
+            reference(&a, &b),
+            "length {len}"
+        );
         // -128 * -128 in every lane: the largest pair sums `pmaddwd` adds.
         a.fill(0x80);
-        assert_eq!(dot_i8_i8(&a, &a), 16_384 * len, "length {len}");
+        assert_eq!(
+            WidenedI8::new(a.clone()).dot(&a),
+            16_384 * len,
+            "length {len}"
+        );
     }
 }
