@@ -711,7 +711,17 @@ impl WidenedI8 {
     fn dot(&self, b: &[u8]) -> i32 {
         let (b_chunks, b_tail) = b.as_chunks::<16>();
         let a_tail = &self.bytes[self.bytes.len().saturating_sub(b_tail.len())..];
-        simd::dot(&self.lanes, b_chunks) + dot_scalar(a_tail, b_tail)
+        let (lanes, _) = self.lanes.as_chunks::<2>();
+        // 64 components, the default: a fixed count of steps unrolls, so the scans pay no
+        // loop per point (nor, in wasmtime with deadlines, an epoch check per step).
+        let whole = match (
+            <&[[simd::Lanes; 2]; 4]>::try_from(lanes),
+            <&[[u8; 16]; 4]>::try_from(b_chunks),
+        ) {
+            (Ok(lanes), Ok(chunks)) => simd::dot(lanes, chunks),
+            _ => simd::dot(lanes, b_chunks),
+        };
+        whole + dot_scalar(a_tail, b_tail)
     }
 
     /// The portable form, for targets without one of the SIMD twins below.
@@ -763,9 +773,11 @@ mod simd {
             .collect()
     }
 
-    pub(super) fn dot(lanes: &[v128], chunks: &[[u8; 16]]) -> i32 {
+    /// Inlined always, so that a caller's fixed lengths unroll the loop.
+    #[inline(always)]
+    pub(super) fn dot(lanes: &[[v128; 2]], chunks: &[[u8; 16]]) -> i32 {
         let mut sums = i32x4_splat(0);
-        for (a, b) in lanes.as_chunks::<2>().0.iter().zip(chunks) {
+        for (a, b) in lanes.iter().zip(chunks) {
             let b = load(b);
             let low = i32x4_dot_i16x8(a[0], i16x8_extend_low_i8x16(b));
             let high = i32x4_dot_i16x8(a[1], i16x8_extend_high_i8x16(b));
@@ -827,11 +839,13 @@ mod simd {
         unsafe { widen(bytes) }
     }
 
-    pub(super) fn dot(lanes: &[__m128i], chunks: &[[u8; 16]]) -> i32 {
+    #[inline(always)]
+    pub(super) fn dot(lanes: &[[__m128i; 2]], chunks: &[[u8; 16]]) -> i32 {
         #[target_feature(enable = "sse2")]
-        fn dot(lanes: &[__m128i], chunks: &[[u8; 16]]) -> i32 {
+        #[inline]
+        fn dot(lanes: &[[__m128i; 2]], chunks: &[[u8; 16]]) -> i32 {
             let mut sums = _mm_setzero_si128();
-            for (a, b) in lanes.as_chunks::<2>().0.iter().zip(chunks) {
+            for (a, b) in lanes.iter().zip(chunks) {
                 let b = load(b);
                 let low = _mm_madd_epi16(a[0], widen_low(b));
                 let high = _mm_madd_epi16(a[1], widen_high(b));
