@@ -682,12 +682,12 @@ impl ApproximateScorer<'_> {
 struct WidenedI8 {
     /// As stored (two's complement); the tail past the last whole 16 is read from here.
     bytes: Vec<u8>,
-    /// Two i16 vectors per whole 16 components: the low eight, then the high eight.
+    /// Per whole 16 components, two i16 vectors: the low eight, then the high eight.
     #[cfg(any(
         all(target_arch = "wasm32", target_feature = "simd128"),
         all(target_arch = "x86_64", target_feature = "sse2")
     ))]
-    lanes: Vec<simd::Lanes>,
+    lanes: Vec<[simd::Lanes; 2]>,
 }
 
 impl WidenedI8 {
@@ -711,7 +711,7 @@ impl WidenedI8 {
     fn dot(&self, b: &[u8]) -> i32 {
         let (b_chunks, b_tail) = b.as_chunks::<16>();
         let a_tail = &self.bytes[self.bytes.len().saturating_sub(b_tail.len())..];
-        let (lanes, _) = self.lanes.as_chunks::<2>();
+        let lanes = self.lanes.as_slice();
         // 64 components, the default: a fixed count of steps unrolls, so the scans pay no
         // loop per point (nor, in wasmtime with deadlines, an epoch check per step).
         let whole = match (
@@ -762,11 +762,11 @@ mod simd {
         u64x2(word(low), word(high))
     }
 
-    pub(super) fn widen(bytes: &[u8]) -> Vec<v128> {
+    pub(super) fn widen(bytes: &[u8]) -> Vec<[v128; 2]> {
         let (chunks, _) = bytes.as_chunks::<16>();
         chunks
             .iter()
-            .flat_map(|chunk| {
+            .map(|chunk| {
                 let v = load(chunk);
                 [i16x8_extend_low_i8x16(v), i16x8_extend_high_i8x16(v)]
             })
@@ -824,14 +824,14 @@ mod simd {
         _mm_srai_epi16::<8>(_mm_unpackhi_epi8(v, v))
     }
 
-    pub(super) fn widen(bytes: &[u8]) -> Vec<__m128i> {
+    pub(super) fn widen(bytes: &[u8]) -> Vec<[__m128i; 2]> {
         #[target_feature(enable = "sse2")]
-        fn widen(bytes: &[u8]) -> Vec<__m128i> {
+        fn widen(bytes: &[u8]) -> Vec<[__m128i; 2]> {
             let (chunks, _) = bytes.as_chunks::<16>();
-            let mut lanes = Vec::with_capacity(2 * chunks.len());
+            let mut lanes = Vec::with_capacity(chunks.len());
             for chunk in chunks {
                 let v = load(chunk);
-                lanes.extend([widen_low(v), widen_high(v)]);
+                lanes.push([widen_low(v), widen_high(v)]);
             }
             lanes
         }
